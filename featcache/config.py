@@ -1,0 +1,66 @@
+"""Frozen configuration dataclasses: one click option maps to one field (stdlib only)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images are and how missing val/test splits are carved from train."""
+
+    root: str  # a folder ROOT/{train,val,test}/<class>/<image>, or "demo"
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    split_seed: int = 0
+    strict: bool = False  # unreadable image: fatal instead of skipped and listed
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """One backbone run once over every split into one cache file."""
+
+    model: str
+    data: DataConfig
+    weights: str = "imagenet"  # "imagenet" | "none" | path to a state_dict
+    image_size: int | None = None  # crop size; None = the model's native size
+    batch_size: int = 64
+    num_workers: int = 0
+    dtype: str = "float32"  # "float32" | "float16"
+    device: str = "cpu"
+    amp: bool = False  # bf16 autocast on CUDA
+    cache_dir: str = "cache"
+    wait: bool = False  # wait for another writer's lock instead of failing
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training of the linear head, shared by head-train and finetune (same names, same defaults)."""
+
+    epochs: int = 30
+    batch_size: int = 32
+    optimizer: str = "sgd"  # "sgd" | "adam" | "adamw"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    scheduler: str = "cosine"  # "cosine" (CosineAnnealingLR, T_max=epochs, stepped per epoch) | "none"
+    standardize: bool = False  # z-score features with train mean/std (head-train only)
+    seed: int = 0
+    runs_dir: str = "runs"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Settings of `featcache bench`."""
+
+    models: tuple[str, ...] = ("resnet18", "googlenet")
+    data: str = "demo"
+    epochs: int = 30
+    image_size: int | None = None
+    batch_size: int = 32
+    device: str = "cpu"
+    repeat: int = 3
+    quick: bool = False
+    out: str = "benchmarks/results"
+    extra: dict = field(default_factory=dict)
