@@ -25,7 +25,7 @@ class ExtractConfig:
     weights: str = "imagenet"  # "imagenet" | "none" | path to a state_dict
     image_size: int | None = None  # crop size; None = the model's native size
     batch_size: int = 64
-    num_workers: int = 0
+    num_workers: int = -1  # decode worker processes; -1 = auto (half the cores, at most 4)
     dtype: str = "float32"  # "float32" | "float16"
     device: str = "cpu"
     amp: bool = False  # bf16 autocast on CUDA
