@@ -51,6 +51,23 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    """What `featcache finetune` trains on and how; the training itself is a TrainConfig."""
+
+    model: str
+    data: DataConfig
+    weights: str = "imagenet"
+    image_size: int | None = None
+    augment: bool = False  # RandomResizedCrop + horizontal flip on train images
+    freeze_backbone: bool = False  # the classic fixed-feature loop: only the head trains
+    amp: bool = False  # bf16 autocast on CUDA
+    device: str = "cpu"
+    num_workers: int = -1  # -1 = auto
+    eval_batch_size: int = 64  # val/test passes
+    cache_dir: str = "cache"  # where --data demo is rendered
+
+
+@dataclass(frozen=True)
 class BenchConfig:
     """Settings of `featcache bench`."""
 
