@@ -5,6 +5,7 @@ Nothing heavy is imported at module level: `featcache --help` must not start tor
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 from pathlib import Path
@@ -240,3 +241,182 @@ def cache_verify(file):
             click.echo(f"{file}: {p}", err=True)
         sys.exit(EXIT_BAD_CACHE)
     click.echo(f"{file}: ok")
+
+
+@cli.command("head-train")
+@click.option("--cache", "cache_file", type=click.Path(dir_okay=False), default=None,
+              help="A cache file from featcache extract (or give --model and --data to find it by key).")
+@click.option("--model", type=MODEL_CHOICE, default=None, help="Find the cache of this backbone ...")
+@click.option("--data", default=None, metavar="DIR|demo", help="... over this dataset (with --model).")
+@click.option("--val-fraction", default=0.15, show_default=True, help="As given to extract (carved splits).")
+@click.option("--test-fraction", default=0.15, show_default=True, help="As given to extract (carved splits).")
+@click.option("--split-seed", default=0, show_default=True, help="As given to extract (carved splits).")
+@backbone_options
+@train_options
+@click.option("--standardize", is_flag=True, help="Z-score features with the train mean/std (stored in head.npz).")
+@click.option("--run-name", default=None, help="Run directory name (default <time>-head-<model>).")
+def head_train(cache_file, model, data, val_fraction, test_fraction, split_seed, weights, image_size, dtype,
+               cache_dir, standardize, run_name, **kwargs):
+    """Train the linear head in JAX on cached features: all epochs in one compiled program.
+
+    \b
+    Example:
+      featcache head-train --cache cache/demo-c2-s0-64px/resnet18-none-0123456789ab.h5
+      featcache head-train --model resnet18 --data demo --weights none --image-size 64 --epochs 30
+    """
+    from featcache.head import train_head
+    from featcache.report import print_summary
+
+    config = _train_config(kwargs, standardize=standardize)
+    if cache_file is None:
+        cache_file = _find_cache(model, data, DataConfig(root=data or "", val_fraction=val_fraction,
+                                                         test_fraction=test_fraction, split_seed=split_seed),
+                                 weights=weights, image_size=image_size, dtype=dtype, cache_dir=cache_dir)
+    result = train_head(cache=cache_file, config=config, run_name=run_name, progress=True)
+    print_summary(result)
+
+
+def _find_cache(model, data, data_config, *, weights, image_size, dtype, cache_dir) -> str:
+    """The cache file of (model, data, weights, ...) by key, or a UserError saying how to create it."""
+    from featcache.extract import find_cache
+
+    if not model or not data:
+        raise UserError("Give --cache FILE, or --model and --data to find the cache by key.")
+    config = ExtractConfig(model=model, data=data_config, weights=weights, image_size=image_size,
+                           dtype=dtype, cache_dir=cache_dir)
+    path = find_cache(config)
+    if path is None:
+        cmd = f"featcache extract --model {model} --data {data} --weights {weights}"
+        cmd += f" --image-size {image_size}" if image_size else ""
+        cmd += f" --dtype {dtype}" if dtype != "float32" else ""
+        cmd += f" --cache-dir {cache_dir}" if cache_dir != "cache" else ""
+        raise UserError(f"No cache of {model} on {data} with these settings in {cache_dir}; create it with: {cmd}")
+    return str(path)
+
+
+@cli.command()
+@click.option("--model", required=True, type=MODEL_CHOICE, help="Backbone to fine-tune.")
+@data_options
+@click.option("--weights", default="imagenet", show_default=True, metavar="imagenet|none|PATH",
+              help="Starting weights (as for extract).")
+@click.option("--image-size", type=int, default=None, metavar="N", help="Crop size (default: native, 224).")
+@train_options
+@click.option("--augment", is_flag=True, help="RandomResizedCrop + horizontal flip on train images.")
+@click.option("--freeze-backbone", is_flag=True,
+              help="The classic fixed-feature loop: backbone frozen in eval mode, images through it every epoch.")
+@click.option("--amp", is_flag=True, help="bf16 autocast (CUDA only).")
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "auto"]))
+@click.option("--num-workers", type=int, default=-1, show_default="auto", help="Decode worker processes.")
+@click.option("--cache-dir", default="cache", show_default=True, help="Where --data demo is rendered.")
+@click.option("--resume", "resume", type=click.Path(file_okay=False, exists=True), default=None,
+              help="Continue a killed run from its last finished epoch (its stored settings are used).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def finetune(model, data_config, weights, image_size, augment, freeze_backbone, amp, device, num_workers,
+             cache_dir, resume, quiet, **kwargs):
+    """Train in PyTorch: the whole network with a new head, or (--freeze-backbone) only the head.
+
+    Same plan (head init, batch order, lr per epoch) and metrics as head-train: with
+    --freeze-backbone and no --augment it reports what extract + head-train report.
+
+    \b
+    Example:
+      featcache finetune --model resnet18 --data demo --weights none --image-size 64 --epochs 5
+      featcache finetune --model resnet18 --data ./chest_xray --freeze-backbone
+      # after a kill: the same command plus --resume RUN_DIR
+      featcache finetune --model resnet18 --data demo --weights none --image-size 64 --epochs 5 \
+        --resume runs/20261130-101500-finetune-resnet18
+    """
+    from featcache.config import FinetuneConfig
+    from featcache.errors import DivergedError
+    from featcache.finetune import finetune as run_finetune
+    from featcache.report import print_summary
+
+    train = _train_config(kwargs)
+    config = FinetuneConfig(model=model, data=data_config, weights=weights, image_size=image_size,
+                            augment=augment, freeze_backbone=freeze_backbone, amp=amp, device=device,
+                            num_workers=num_workers, cache_dir=cache_dir)
+    result = run_finetune(config, train, resume=resume, progress=not quiet, log=click.echo)
+    print_summary(result)
+    if result.diverged:
+        raise DivergedError(f"Training diverged ({result.extra.get('diverged_reason')}); lower --lr. "
+                            f"The last good checkpoint is in {result.run_dir}.")
+
+
+@cli.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv", "json"]), default="table",
+              show_default=True)
+@click.option("--figure", type=click.Path(dir_okay=False), default="comparison.png", show_default=True,
+              help="Val accuracy and loss curves of all runs; '' for none.")
+def report(run_dirs, fmt, figure):
+    """Lay runs side by side: model, mode, train loss/acc, best val loss/acc, test acc, time.
+
+    \b
+    Example:
+      featcache report runs/*
+      featcache report runs/*-head-resnet18 runs/*-frozen-resnet18 --format markdown
+    """
+    from featcache.report import compare_runs
+
+    click.echo(compare_runs(run_dirs, format=fmt, figure=figure or None), nl=False)
+    if figure:
+        click.echo(f"figure: {figure}", err=True)
+
+
+@cli.command()
+@click.option("--model", default="resnet18", show_default=True, type=MODEL_CHOICE)
+@click.option("--weights", default="none", show_default=True, metavar="imagenet|none|PATH",
+              help="'none' needs no network; 'imagenet' downloads torchvision's weights once.")
+@click.option("--image-size", default=64, show_default=True, help="Crop size (the demo images are 64 px).")
+@click.option("--epochs", default=30, show_default=True, help="Epochs of head-train and of the frozen loop.")
+@click.option("--finetune-epochs", default=3, show_default=True, help="Epochs of the full fine-tune (slowest).")
+@click.option("--cache-dir", default="cache", show_default=True)
+@click.option("--runs-dir", default="runs", show_default=True)
+def demo(model, weights, image_size, epochs, finetune_epochs, cache_dir, runs_dir):
+    """Run everything on the built-in demo dataset, no network needed.
+
+    demo data -> extract -> head-train (JAX, cached) -> finetune --freeze-backbone (the classic
+    loop; same numbers) -> full finetune -> report.
+
+    \b
+    Example:
+      featcache demo
+      featcache demo --model googlenet --epochs 10
+    """
+    import time
+
+    from featcache.config import FinetuneConfig
+    from featcache.datasets import resolve_data_root
+    from featcache.extract import extract as run_extract
+    from featcache.finetune import finetune as run_finetune
+    from featcache.head import train_head
+    from featcache.report import compare_runs, print_summary
+
+    root = resolve_data_root("demo", cache_dir=cache_dir)
+    click.echo(f"== demo dataset: {root}")
+    data = DataConfig(root="demo")
+    click.echo(f"\n== 1. extract {model} once (weights {weights}, {image_size} px)")
+    t0 = time.perf_counter()
+    cache_file = run_extract(ExtractConfig(model=model, data=data, weights=weights, image_size=image_size,
+                                           cache_dir=cache_dir), log=click.echo)
+    extract_s = time.perf_counter() - t0
+    train = TrainConfig(epochs=epochs, runs_dir=runs_dir)
+    click.echo(f"\n== 2. head-train on the cache ({epochs} epochs, JAX)")
+    head = train_head(cache=cache_file, config=train)
+    print_summary(head)
+    click.echo(f"\n== 3. the classic frozen loop: images through the backbone every epoch ({epochs} epochs)")
+    ft = FinetuneConfig(model=model, data=data, weights=weights, image_size=image_size, cache_dir=cache_dir)
+    frozen = run_finetune(dataclasses.replace(ft, freeze_backbone=True), train, log=click.echo)
+    print_summary(frozen)
+    click.echo(f"\n== 4. full fine-tune ({finetune_epochs} epochs)")
+    full = run_finetune(ft, dataclasses.replace(train, epochs=finetune_epochs), log=click.echo)
+    print_summary(full)
+    click.echo("\n== 5. report")
+    figure = Path(runs_dir) / "demo-comparison.png"
+    click.echo(compare_runs([head, frozen, full], format="table", figure=figure), nl=False)
+    cached_s = extract_s + head.summary.training_time
+    click.echo(f"cached frozen mode: extract {extract_s:.1f} s + head {head.summary.training_time:.2f} s; "
+               f"classic frozen loop {frozen.summary.training_time:.1f} s "
+               f"({frozen.summary.training_time / cached_s:.1f}x); same test acc: "
+               f"{head.summary.test_acc:.4f} vs {frozen.summary.test_acc:.4f}")
+    click.echo(f"figure: {figure}")
