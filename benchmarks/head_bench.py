@@ -1,0 +1,169 @@
+"""Speed of the compiled JAX head against a plain PyTorch loop on the same plan (not a test).
+
+Both train the same linear head for the same epochs on the same in-memory features, following
+one TrainPlan (same init, batch order and lr per epoch) and, per epoch, one val pass: the JAX
+program via featcache.head, the PyTorch loop as a tutorial writes it (zero_grad, forward,
+loss, backward, step, loss.item() every batch). Measured in one run and reported as a ratio,
+since absolute times on a shared machine drift.
+
+    PYTHONPATH=. python benchmarks/head_bench.py [--rows 2000] [--dim 1024] [--epochs 30] [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def make_data(rows: int, dim: int, seed: int = 0):
+    """Random features, 2 classes; val and test are a quarter of train each."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(rows + rows // 2, dim)).astype(np.float32)
+    y = (x[:, :8].sum(axis=1) + rng.normal(size=len(x)) > 0).astype(np.int64)
+    q = rows // 4
+    return (x[:rows], y[:rows]), (x[rows:rows + q], y[rows:rows + q]), (x[rows + q:], y[rows + q:])
+
+
+def torch_loop(train, val, config, device: str = "cpu") -> float:
+    """Seconds of the PyTorch loop (30 epochs of batches + a val pass per epoch), metrics included."""
+    import torch
+
+    from featcache import metrics
+    from featcache.plan import make_plan
+
+    x, y = torch.from_numpy(train[0]).to(device), torch.from_numpy(train[1]).to(device)
+    xv, yv = torch.from_numpy(val[0]).to(device), val[1]
+    plan = make_plan(n_train=len(y), feature_dim=x.shape[1], num_outputs=1, config=config)
+    t0 = time.perf_counter()
+    lin = torch.nn.Linear(x.shape[1], 1).to(device)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor(plan.weight))
+        lin.bias.copy_(torch.tensor(plan.bias))
+    opt = torch.optim.SGD(lin.parameters(), lr=config.lr, momentum=config.momentum)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    for epoch in range(plan.epochs):
+        for group in opt.param_groups:
+            group["lr"] = float(plan.lrs[epoch])
+        loss_sums, correct, sizes = [], [], []
+        for rows in plan.batches(epoch):
+            rows = torch.from_numpy(rows).to(device)
+            xb, yb = x[rows], y[rows]
+            opt.zero_grad()
+            logits = lin(xb)
+            loss = loss_fn(logits[:, 0], yb.float())
+            loss.backward()
+            opt.step()
+            loss_sums.append(loss.item() * len(rows))
+            correct.append(int(((logits[:, 0] > 0).long() == yb).sum()))
+            sizes.append(len(rows))
+        metrics.epoch_train_metrics(loss_sums, correct, sizes)
+        with torch.no_grad():
+            metrics.evaluate(lin(xv).cpu().numpy(), yv, 2)
+    return time.perf_counter() - t0
+
+
+def jax_warm(train, val, config, repeat: int) -> list[float]:
+    """Seconds of the compiled training program, inputs already on the device, run `repeat` times."""
+    import jax
+
+    from featcache.head import padded_batches, params_from_linear, train_program
+    from featcache.plan import make_plan
+
+    plan = make_plan(n_train=len(train[1]), feature_dim=train[0].shape[1], num_outputs=1, config=config)
+    idx, mask = padded_batches(plan)
+    args = jax.device_put((params_from_linear(plan.weight, plan.bias), train[0], train[1].astype(np.int32), val[0],
+                           idx, mask, plan.lrs.astype(np.float32)))
+    compiled = train_program(num_outputs=1, config=config).lower(*args).compile()
+    jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+PROCESS_CODE = """
+import sys, time; t0 = time.perf_counter()
+sys.path.insert(0, {root!r}); sys.path.insert(0, {bench!r})
+from head_bench import make_data
+from featcache.config import TrainConfig
+from featcache.head import fit_head
+fit = fit_head(*make_data({rows}, {dim}), num_classes=2, config=TrainConfig(epochs={epochs}))
+print(time.perf_counter() - t0)
+"""
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=2000)
+    p.add_argument("--dim", type=int, default=1024)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--torch-device", default="cpu", help="device of the PyTorch loop (cpu, cuda)")
+    a = p.parse_args()
+
+    from featcache.config import TrainConfig
+
+    config = TrainConfig(epochs=a.epochs)  # the study's defaults: batch 32, sgd momentum 0.9, cosine
+    train, val, test = make_data(a.rows, a.dim)
+
+    # 1. first call in a fresh process state: fit_head = plan + compile + run + metrics
+    from featcache.head import fit_head
+
+    t0 = time.perf_counter()
+    fit = fit_head(train, val, test, num_classes=2, config=config)
+    first = time.perf_counter() - t0
+    # 2. warm: the compiled program again
+    warm = jax_warm(train, val, config, a.repeat)
+    # 3. the PyTorch loop on the same tensors: torch's default intra-op threads, and 1 thread
+    #    (on a small, shared CPU, OpenMP threads waiting on each other can cost more than they bring)
+    import torch
+
+    default_threads = torch.get_num_threads()
+    torch_times = {}
+    for threads in sorted({default_threads, 1}, reverse=True) if a.torch_device == "cpu" else [default_threads]:
+        torch.set_num_threads(threads)
+        torch_times[threads] = statistics.median(
+            [torch_loop(train, val, config, a.torch_device) for _ in range(max(1, a.repeat // 2))])
+    torch.set_num_threads(default_threads)
+    # 4. a whole Python process: imports + data + fit_head (no cache file, no run directory)
+    proc0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", PROCESS_CODE.format(root=str(ROOT), bench=str(Path(__file__).parent),
+                                                                    rows=a.rows, dim=a.dim, epochs=a.epochs)],
+                         capture_output=True, text=True, check=True)
+    process_s = time.perf_counter() - proc0
+
+    import jax
+
+    w = statistics.median(warm)
+    batches = -(-a.rows // config.batch_size)
+    print(f"featcache head benchmark: {a.rows}x{a.dim} float32 features, 2 classes, {a.epochs} epochs x "
+          f"{batches} batches of {config.batch_size}, val {len(val[1])} rows per epoch")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"jax {jax.__version__} on {jax.devices()[0].device_kind}, torch {torch.__version__} on {a.torch_device}, "
+          f"python {platform.python_version()}")
+    print(f"JAX first call (fit_head: compile {fit.timings['compile_s']:.3f} s + run {fit.timings['train_s']:.3f} s "
+          f"+ metrics): {first:.3f} s")
+    print(f"JAX warm (compiled program, median of {len(warm)}): {w * 1e3:.2f} ms")
+    for threads, t in torch_times.items():
+        print(f"PyTorch loop, {threads} thread{'s' if threads > 1 else ''} (median of {max(1, a.repeat // 2)}): "
+              f"{t * 1e3:.1f} ms  ->  ratio PyTorch / JAX warm {t / w:.1f}x, PyTorch / JAX first call {t / first:.2f}x")
+    print(f"whole process (python start + imports + data + fit_head): {process_s:.2f} s "
+          f"(of which imports + data + fit_head {float(out.stdout.strip()):.2f} s)")
+    print(f"test acc: JAX head {fit.summary.test_acc:.3f}")
+
+
+if __name__ == "__main__":
+    main()

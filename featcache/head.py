@@ -1,0 +1,370 @@
+"""The linear head on cached features, trained in JAX as ONE jit-compiled program.
+
+All epochs and all mini-batches run inside nested `lax.scan`s (epochs outside, batches
+inside); the program returns, per epoch, each batch's mean loss and correct count, the val
+logits and the parameters, so Python only turns those into metrics afterwards. The plan
+(featcache.plan) fixes init, batch order and lr per epoch, and the optax chains reproduce
+torch.optim's arithmetic, so `featcache finetune --freeze-backbone` follows the same steps.
+
+N = training rows, D = feature dim, C = classes, K = logits (1 for two classes, else C),
+E = epochs, B = batches per epoch, S = batch size.
+
+Never imports torch (tests check `sys.modules`).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from featcache import metrics, runs
+from featcache.config import TrainConfig
+from featcache.errors import UserError
+from featcache.metrics import EpochRecord, RunSummary
+from featcache.plan import TrainPlan, check_config, make_plan, num_outputs_for
+
+# torch.optim.Adam / AdamW defaults
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+STD_FLOOR = 1e-6  # --standardize: a constant feature is divided by this, not by 0
+
+Arrays = tuple[np.ndarray, np.ndarray]  # features (N, D), labels (N,)
+
+
+class LinearHead(nn.Module):
+    """logits = x @ kernel + bias, kernel (D, K) = nn.Linear.weight.T."""
+
+    num_outputs: int
+
+    @nn.compact
+    def __call__(self, x):  # (N, D) -> (N, K)
+        # HIGHEST: full float32 matmuls on GPUs too (torch does not use TF32 for matmuls by default)
+        return nn.Dense(self.num_outputs, precision=jax.lax.Precision.HIGHEST, name="linear")(x)
+
+
+def params_from_linear(weight: np.ndarray, bias: np.ndarray) -> dict:
+    """Flax params of LinearHead from nn.Linear-layout weight (K, D) and bias (K,)."""
+    return {"params": {"linear": {"kernel": jnp.asarray(np.asarray(weight, np.float32).T),
+                                  "bias": jnp.asarray(np.asarray(bias, np.float32))}}}
+
+
+def linear_from_params(params: dict) -> tuple[np.ndarray, np.ndarray]:
+    """nn.Linear-layout (weight (..., K, D), bias (..., K)) as numpy; leading axes (epochs) kept."""
+    p = params["params"]["linear"]
+    return np.swapaxes(np.asarray(p["kernel"]), -1, -2), np.asarray(p["bias"])
+
+
+def masked_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean loss over the rows with mask 1 (torch's BCEWithLogitsLoss / CrossEntropyLoss, reduction="mean").
+
+    logits (S, K); labels (S,) int32; mask (S,) float32. K == 1: BCE on the one logit, class 1
+    positive; K > 1: softmax cross-entropy. Padded rows (mask 0) contribute neither loss nor gradient.
+    """
+    if logits.shape[-1] == 1:
+        per_row = optax.losses.sigmoid_binary_cross_entropy(logits[:, 0], labels.astype(logits.dtype))
+    else:
+        per_row = optax.losses.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return jnp.sum(per_row * mask) / jnp.sum(mask)
+
+
+def predictions(logits: jax.Array) -> jax.Array:
+    """(S,) predicted classes, the rule of metrics.predict: logit > 0 for K == 1, first argmax otherwise."""
+    if logits.shape[-1] == 1:
+        return (logits[:, 0] > 0).astype(jnp.int32)
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+class TorchAdamState(NamedTuple):
+    count: jax.Array  # () int32: steps taken
+    mu: optax.Updates  # first moment (torch exp_avg)
+    nu: optax.Updates  # second moment (torch exp_avg_sq)
+
+
+def scale_by_torch_adam(b1: float = ADAM_BETAS[0], b2: float = ADAM_BETAS[1],
+                        eps: float = ADAM_EPS) -> optax.GradientTransformation:
+    """Adam's direction m_hat / (sqrt(v_hat) + eps) evaluated as torch.optim.Adam does.
+
+    Same algorithm as optax.scale_by_adam, but optax computes the bias correction 1 - b**t in
+    float32 from b rounded to float32 (1 - 0.999 -> 0.000999987: 1.3e-5 relative error at step
+    1), which torch computes in float64. Here 1 - b**t = -expm1(t * log b) with log b taken in
+    float64, exact to float32 rounding; moments update as torch's lerp_/addcmul_.
+    """
+    log_b1, log_b2 = math.log(b1), math.log(b2)
+
+    def init_fn(params):
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return TorchAdamState(count=jnp.zeros([], jnp.int32), mu=zeros, nu=zeros)
+
+    def update_fn(updates, state, params=None):
+        del params
+        mu = jax.tree.map(lambda m, g: m + (1 - b1) * (g - m), state.mu, updates)
+        nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * (g * g), state.nu, updates)
+        count = state.count + 1
+        t = count.astype(jnp.float32)
+        bias_correction1 = -jnp.expm1(t * log_b1)
+        bias_correction2_sqrt = jnp.sqrt(-jnp.expm1(t * log_b2))
+        direction = jax.tree.map(lambda m, v: (m / bias_correction1) / (jnp.sqrt(v) / bias_correction2_sqrt + eps),
+                                 mu, nu)
+        return direction, TorchAdamState(count=count, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def update_direction(config: TrainConfig) -> optax.GradientTransformation:
+    """The optax chain whose output d gives torch.optim's step as p <- p - lr * d.
+
+    The epoch's lr is applied by the caller (it changes per epoch), so every term torch scales
+    by lr sits inside d:
+    * sgd: d = g + wd*p; with momentum, buf = momentum*buf + d (buf = d at the first step,
+      as torch: optax.trace starts from zeros) and d = buf, or d + momentum*buf with nesterov.
+    * adam: g + wd*p (L2, as torch.optim.Adam), then m_hat / (sqrt(v_hat) + eps).
+    * adamw: m_hat / (sqrt(v_hat) + eps) + wd*p, wd*p taken before the step: torch's decoupled
+      p <- p - lr*wd*p followed by the Adam step.
+    """
+    wd = float(config.weight_decay)
+    parts: list[optax.GradientTransformation] = []
+    if config.optimizer == "sgd":
+        if wd:
+            parts.append(optax.add_decayed_weights(wd))
+        if config.momentum:
+            parts.append(optax.trace(decay=float(config.momentum), nesterov=bool(config.nesterov)))
+    elif config.optimizer == "adam":
+        if wd:
+            parts.append(optax.add_decayed_weights(wd))
+        parts.append(scale_by_torch_adam())
+    elif config.optimizer == "adamw":
+        parts.append(scale_by_torch_adam())
+        if wd:
+            parts.append(optax.add_decayed_weights(wd))
+    else:
+        raise ValueError(f"unknown optimizer {config.optimizer!r}")
+    return optax.chain(*parts) if parts else optax.identity()
+
+
+def padded_batches(plan: TrainPlan) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (E, B, S) int32 and mask (E, B, S) float32 of every batch; the short last batch
+    is padded with row 0 under mask 0."""
+    e, n, s, b = plan.epochs, plan.n_train, plan.batch_size, plan.num_batches
+    idx = np.zeros((e, b * s), dtype=np.int32)
+    idx[:, :n] = plan.perms
+    mask = np.zeros((e, b * s), dtype=np.float32)
+    mask[:, :n] = 1.0
+    return idx.reshape(e, b, s), mask.reshape(e, b, s)
+
+
+def train_program(*, num_outputs: int, config: TrainConfig) -> Callable:
+    """The whole training as one jitted function.
+
+    Returns:
+        program(params, x_train (N, D) f32, y_train (N,) i32, x_val (Nv, D) f32, idx (E, B, S) i32,
+        mask (E, B, S) f32, lrs (E,) f32) -> (batch_loss (E, B) f32 mean loss of each batch,
+        batch_correct (E, B) i32, val_logits (E, Nv, K) f32, epoch_params: params stacked (E, ...)
+        as they are at the end of each epoch).
+    """
+    model = LinearHead(num_outputs)
+    tx = update_direction(config)
+
+    def program(params, x_train, y_train, x_val, idx, mask, lrs):
+        def epoch_step(carry, epoch):
+            idx_e, mask_e, lr = epoch  # (B, S), (B, S), ()
+
+            def batch_step(carry, batch):
+                params, opt_state = carry
+                rows, m = batch  # (S,), (S,)
+                xb, yb = x_train[rows], y_train[rows]
+
+                def loss_fn(p):
+                    logits = model.apply(p, xb)
+                    return masked_loss(logits, yb, m), logits
+
+                (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+                direction, opt_state = tx.update(grads, opt_state, params)
+                params = optax.apply_updates(params, jax.tree.map(lambda d: -lr * d, direction))
+                correct = jnp.sum((predictions(logits) == yb) & (m > 0))
+                return (params, opt_state), (loss, correct)
+
+            (params, opt_state), (losses, correct) = jax.lax.scan(batch_step, carry, (idx_e, mask_e))
+            val_logits = model.apply(params, x_val)
+            return (params, opt_state), (losses, correct, val_logits, params)
+
+        _, outs = jax.lax.scan(epoch_step, (params, tx.init(params)), (idx, mask, lrs))
+        return outs
+
+    return jax.jit(program)
+
+
+@dataclass(frozen=True)
+class HeadFit:
+    """Everything one training of the head produced (arrays in numpy)."""
+
+    history: list[EpochRecord]
+    selected: int  # index into history (selected epoch = history[selected].epoch)
+    summary: RunSummary
+    epoch_weights: np.ndarray  # (E, K, D) float32, end of each epoch
+    epoch_biases: np.ndarray  # (E, K) float32
+    weight: np.ndarray  # (K, D) of the selected epoch, nn.Linear layout
+    bias: np.ndarray  # (K,)
+    mean: np.ndarray | None  # (D,) float32 with --standardize, else None
+    std: np.ndarray | None  # (D,)
+    test_logits: np.ndarray  # (N_test, K) float32 of the selected epoch
+    timings: dict[str, float]  # compile_s, train_s
+    plan: TrainPlan
+
+    @property
+    def diverged(self) -> bool:
+        return self.summary.diverged
+
+
+def _features(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)  # float16 caches are trained in float32
+
+
+def fit_head(train: Arrays, val: Arrays, test: Arrays, *, num_classes: int, config: TrainConfig,
+             class_names: Sequence[str] | None = None) -> HeadFit:
+    """Train the linear head on in-memory features and score it.
+
+    Args:
+        train, val, test: (features (N, D) float32|float16, labels (N,) int in [0, num_classes)).
+        num_classes: C >= 2; two classes train one logit with BCE, more train C with softmax CE.
+        config: the TrainConfig (runs_dir is not used here).
+        class_names: C names for the summary; default "0", "1", ...
+
+    Returns:
+        HeadFit. Timings: compile_s (lower + compile) and train_s (the compiled program, data
+        transfer included). Each history record's seconds = train_s / epochs (the epochs run
+        in one program); summary.training_time = compile_s + train_s.
+    """
+    check_config(config)
+    names = [str(i) for i in range(num_classes)] if class_names is None else [str(c) for c in class_names]
+    if len(names) != num_classes:
+        raise ValueError(f"{len(names)} class names for {num_classes} classes")
+    (x_train, y_train), (x_val, y_val), (x_test, y_test) = [
+        (_features(x), np.asarray(y, dtype=np.int64)) for x, y in (train, val, test)]
+    for split, (x, y) in zip(("train", "val", "test"), ((x_train, y_train), (x_val, y_val), (x_test, y_test))):
+        if len(y) == 0:
+            raise UserError(f"The {split} split is empty; the head needs train, val and test rows.")
+        if x.ndim != 2 or x.shape[0] != len(y) or x.shape[1] != x_train.shape[1]:
+            raise ValueError(f"{split}: features {x.shape} do not match labels {y.shape} / train dim")
+        if y.min() < 0 or y.max() >= num_classes:
+            raise UserError(f"The {split} labels fall outside the {num_classes} classes; the cache is inconsistent, "
+                            "extract it again.")
+
+    mean = std = None
+    if config.standardize:
+        mean = x_train.mean(axis=0, dtype=np.float64).astype(np.float32)  # (D,)
+        std = np.maximum(x_train.std(axis=0, dtype=np.float64), STD_FLOOR).astype(np.float32)
+        x_train, x_val, x_test = [(x - mean) / std for x in (x_train, x_val, x_test)]
+
+    num_outputs = num_outputs_for(num_classes)
+    plan = make_plan(n_train=len(y_train), feature_dim=x_train.shape[1], num_outputs=num_outputs, config=config)
+    idx, mask = padded_batches(plan)
+    args = (params_from_linear(plan.weight, plan.bias), x_train, y_train.astype(np.int32), x_val, idx, mask,
+            plan.lrs.astype(np.float32))
+
+    t0 = time.perf_counter()
+    compiled = train_program(num_outputs=num_outputs, config=config).lower(*args).compile()
+    t1 = time.perf_counter()
+    outs = jax.block_until_ready(compiled(*args))
+    t2 = time.perf_counter()
+    compile_s, train_s = t1 - t0, t2 - t1
+    batch_loss, batch_correct, val_logits, epoch_params = jax.tree.map(np.asarray, outs)
+
+    sizes = plan.batch_sizes()
+    history = []
+    for e in range(plan.epochs):
+        # loss of each batch * its size, in float64: what `running_loss += loss.item() * bs` sums
+        train_loss, train_acc = metrics.epoch_train_metrics(
+            batch_loss[e].astype(np.float64) * sizes, batch_correct[e], sizes)
+        val_loss, val_acc = metrics.evaluate(val_logits[e], y_val, num_classes)
+        history.append(EpochRecord(epoch=e + 1, lr=float(plan.lrs[e]), train_loss=train_loss, train_acc=train_acc,
+                                   val_loss=val_loss, val_acc=val_acc, seconds=train_s / plan.epochs))
+    selected = metrics.select_epoch(history)
+
+    epoch_weights, epoch_biases = linear_from_params(epoch_params)
+    weight, bias = epoch_weights[selected], epoch_biases[selected]
+    test_logits = x_test @ weight.T + bias  # (N_test, K) float32; numpy, so no second compile
+    summary = metrics.summarize(history, selected, test_logits=test_logits, test_labels=y_test,
+                                class_names=names, train_seconds=compile_s + train_s)
+    return HeadFit(history=history, selected=selected, summary=summary, epoch_weights=epoch_weights,
+                   epoch_biases=epoch_biases, weight=weight, bias=bias, mean=mean, std=std,
+                   test_logits=test_logits, timings={"compile_s": compile_s, "train_s": train_s}, plan=plan)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("featcache", "numpy", "jax", "jaxlib", "flax", "optax", "h5py"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "unknown"
+    return out
+
+
+def _say(progress: bool, message: str) -> None:
+    if progress:
+        print(message, file=sys.stderr, flush=True)
+
+
+def train_head(*, cache: str | Path, config: TrainConfig, run_name: str | None = None,
+               progress: bool = True) -> runs.RunResult:
+    """Train the linear head on a feature cache and write its run directory.
+
+    Args:
+        cache: a complete cache file written by `featcache extract`.
+        config: training settings; the run directory goes under config.runs_dir.
+        run_name: the run directory's name; None = `<time>-head-<model>`.
+        progress: one line per phase on stderr.
+
+    Returns:
+        The RunResult (summary, history, run_dir, config, timings load_s/compile_s/train_s).
+        A diverged training (metrics.divergence_reason: NaN/inf loss, or a train-loss jump) still
+        writes its run, with summary.diverged set.
+    """
+    from featcache.cache import load_features
+    from featcache.plots import plot_curves
+
+    check_config(config)
+    t0 = time.perf_counter()
+    splits = {s: load_features(cache, s) for s in ("train", "val", "test")}
+    load_s = time.perf_counter() - t0
+    meta = splits["train"][2]
+    class_names = list(meta["class_names"])
+    sizes = ", ".join(f"{len(splits[s][1])} {s}" for s in splits)
+    _say(progress, f"Loaded {sizes} rows of {meta['feature_dim']} {meta['model']} features in {load_s:.2f} s")
+
+    fit = fit_head(*[splits[s][:2] for s in ("train", "val", "test")], num_classes=len(class_names),
+                   config=config, class_names=class_names)
+    timings = {"load_s": load_s, **fit.timings}
+    _say(progress, f"Compiled in {fit.timings['compile_s']:.2f} s; trained {config.epochs} epochs "
+                   f"in {fit.timings['train_s']:.3f} s")
+    if fit.diverged:
+        reasons = (metrics.divergence_reason(fit.history[:i], r) for i, r in enumerate(fit.history))
+        _say(progress, f"Warning: training diverged ({next(r for r in reasons if r)}); lower --lr. "
+                       "The run is recorded as diverged.")
+
+    run_dir = runs.new_run_dir(runs_dir=config.runs_dir, mode="head", model=meta["model"], name=run_name)
+    runs.save_head(run_dir / runs.HEAD_FILE, weight=fit.weight, bias=fit.bias, class_names=class_names,
+                   mean=fit.mean, std=fit.std)
+    runs.write_history_csv(run_dir / runs.HISTORY_FILE, fit.history)
+    plot_curves(fit.history, run_dir / runs.CURVES_FILE, title=f"{meta['model']} head ({meta.get('dataset_name', '')})",
+                selected=fit.selected)
+    extra = {"weights": meta.get("weights"), "dataset_name": meta.get("dataset_name"),
+             "feature_dim": meta.get("feature_dim"), "cache_dtype": meta.get("dtype"),
+             "rows": {s: int(len(splits[s][1])) for s in splits}}
+    result = runs.finish_run(run_dir, mode="head", model=meta["model"], config=config, summary=fit.summary,
+                             history=fit.history, timings=timings, versions=_versions(),
+                             cache_key=meta.get("key"), cache_path=str(cache), extra=extra)
+    _say(progress, f"Run written to {run_dir}")
+    return result

@@ -1,0 +1,80 @@
+"""Training-curve figures (matplotlib imported inside the functions; PNG drawn by Agg)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from featcache.metrics import EpochRecord
+
+if TYPE_CHECKING:
+    from featcache.runs import RunResult
+
+
+def _figure(ncols: int, width: float = 11.0, height: float = 4.2):
+    # A bare Figure (no pyplot) is drawn by the Agg renderer on savefig, without switching the
+    # process-wide backend or touching a display.
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    return fig, fig.subplots(1, ncols)
+
+
+def _save(fig, path: str | Path) -> None:
+    """Save as PNG through a temporary file, so a half-drawn figure never has the final name."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=120)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def plot_curves(history: Sequence[EpochRecord], path: str | Path, title: str, *, selected: int | None = None) -> Path:
+    """curves.png: accuracy evolution and loss evolution, train and val, per epoch.
+
+    Args:
+        history: the run's EpochRecords.
+        path: the PNG to write.
+        title: figure title (model, mode, dataset).
+        selected: index into history of the selected epoch, marked with a dotted line; None = no mark.
+    """
+    epochs = [r.epoch for r in history]
+    fig, (ax_acc, ax_loss) = _figure(2)
+    for ax, key, name in ((ax_acc, "acc", "Accuracy"), (ax_loss, "loss", "Loss")):
+        ax.plot(epochs, [getattr(r, f"train_{key}") for r in history], "o-", ms=3, label=f"train {key}")
+        ax.plot(epochs, [getattr(r, f"val_{key}") for r in history], "s-", ms=3, label=f"val {key}")
+        if selected is not None:
+            ax.axvline(history[selected].epoch, color="grey", ls=":", lw=1, label="selected epoch")
+        ax.set_title(f"{name} evolution")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name.lower())
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    _save(fig, path)
+    return Path(path)
+
+
+def plot_comparison(runs: Sequence["RunResult"], path: str | Path, title: str = "Validation curves") -> Path:
+    """Val accuracy and val loss per epoch of several runs on two panels, one line per run (model/mode)."""
+    fig, (ax_acc, ax_loss) = _figure(2)
+    for run in runs:
+        epochs = [r.epoch for r in run.history]
+        label = f"{run.model}/{run.mode}"
+        ax_acc.plot(epochs, [r.val_acc for r in run.history], "-", label=label)
+        ax_loss.plot(epochs, [r.val_loss for r in run.history], "-", label=label)
+    for ax, name in ((ax_acc, "val accuracy"), (ax_loss, "val loss")):
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle(title)
+    _save(fig, path)
+    return Path(path)

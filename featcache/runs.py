@@ -1,0 +1,205 @@
+"""The run directory: metrics.json, history.csv and head.npz, written atomically, and read back.
+
+    runs/<YYYYmmdd-HHMMSS>-<mode>-<model>/
+        head.npz      weight (K, D) float32, bias (K,), class_names (unicode), mean (D,), std (D,),
+                      standardized (bool): logits = ((x - mean) / std) @ weight.T + bias
+        history.csv   one row per epoch
+        curves.png    written by the caller (featcache.plots) before finish_run
+        metrics.json  config, summary, history, timings, versions, cache key; written LAST
+
+Every file goes to a temporary name in the same folder and is renamed into place, and
+metrics.json is written last, so a run directory without metrics.json is unfinished (crashed
+or still running) and `load_run` refuses it.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from featcache.config import TrainConfig
+from featcache.errors import UserError
+from featcache.metrics import EpochRecord, RunSummary
+
+MODES = ("head", "finetune", "frozen")
+METRICS_FILE = "metrics.json"
+HISTORY_FILE = "history.csv"
+HEAD_FILE = "head.npz"
+CURVES_FILE = "curves.png"
+RUN_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """A finished run as written to (or read from) its directory."""
+
+    run_dir: Path
+    mode: str  # "head" | "finetune" | "frozen"
+    model: str
+    config: TrainConfig
+    summary: RunSummary
+    history: list[EpochRecord]
+    timings: dict[str, float]  # seconds: load_s, compile_s, train_s, ...
+    class_names: list[str]
+    cache: dict = field(default_factory=dict)  # {"key": ..., "path": ...}; empty when no cache was used
+    versions: dict[str, str] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def diverged(self) -> bool:
+        return self.summary.diverged
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` so that a reader sees the old file or the whole new one, never a part."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def new_run_dir(*, runs_dir: str | Path, mode: str, model: str, name: str | None = None) -> Path:
+    """Create and return an empty run directory.
+
+    Args:
+        runs_dir: parent folder (created if missing).
+        mode: "head" | "finetune" | "frozen".
+        model: backbone name, part of the default name.
+        name: the directory name; None = `<YYYYmmdd-HHMMSS>-<mode>-<model>`, with `-2`, `-3`, ...
+            appended when that exists. An explicit name that exists is a UserError.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    parent = Path(runs_dir)
+    parent.mkdir(parents=True, exist_ok=True)
+    if name is not None:
+        run_dir = parent / name
+        try:
+            run_dir.mkdir()
+        except FileExistsError:
+            raise UserError(f"Run directory {run_dir} already exists; choose another run name.") from None
+        return run_dir
+    safe_model = re.sub(r"[^A-Za-z0-9_.+-]", "_", model) or "model"
+    base = f"{datetime.now():%Y%m%d-%H%M%S}-{mode}-{safe_model}"
+    for i in range(1, 10_000):
+        run_dir = parent / (base if i == 1 else f"{base}-{i}")
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            continue
+    raise UserError(f"Too many runs named {base} in {parent}; clean it up.")
+
+
+def save_head(path: str | Path, *, weight: np.ndarray, bias: np.ndarray, class_names: Sequence[str],
+              mean: np.ndarray | None = None, std: np.ndarray | None = None) -> None:
+    """Write head.npz (no pickled objects). mean/std None = no standardization (stored as 0 and 1)."""
+    weight = np.asarray(weight, dtype=np.float32)  # (K, D)
+    dim = weight.shape[1]
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        weight=weight,
+        bias=np.asarray(bias, dtype=np.float32),  # (K,)
+        class_names=np.asarray([str(c) for c in class_names], dtype=np.str_),
+        mean=np.zeros(dim, np.float32) if mean is None else np.asarray(mean, dtype=np.float32),
+        std=np.ones(dim, np.float32) if std is None else np.asarray(std, dtype=np.float32),
+        standardized=np.asarray(mean is not None),
+    )
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_head(path: str | Path) -> dict[str, np.ndarray]:
+    """The arrays of a head.npz: weight, bias, class_names, mean, std, standardized."""
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def write_history_csv(path: str | Path, history: Sequence[EpochRecord]) -> None:
+    """history.csv: one row per epoch, the EpochRecord fields as columns (empty cell = not finite)."""
+    names = [f.name for f in dataclasses.fields(EpochRecord)]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=names, lineterminator="\n")
+    writer.writeheader()
+    for record in history:
+        writer.writerow({k: "" if v is None else v for k, v in record.to_dict().items()})
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def finish_run(run_dir: str | Path, *, mode: str, model: str, config: TrainConfig, summary: RunSummary,
+               history: Sequence[EpochRecord], timings: Mapping[str, float], versions: Mapping[str, str],
+               cache_key: str | None = None, cache_path: str | None = None,
+               extra: Mapping | None = None) -> RunResult:
+    """Write metrics.json, which marks the run finished; call after every other file is in place.
+
+    Non-finite numbers are written as null (strict JSON).
+    """
+    run_dir = Path(run_dir)
+    result = RunResult(
+        run_dir=run_dir, mode=mode, model=model, config=config, summary=summary, history=list(history),
+        timings={k: float(v) for k, v in timings.items()}, class_names=list(summary.class_names),
+        cache={} if cache_key is None and cache_path is None else {"key": cache_key, "path": cache_path},
+        versions={k: str(v) for k, v in versions.items()}, extra=dict(extra or {}),
+    )
+    doc = {
+        "format": RUN_FORMAT,
+        "mode": result.mode,
+        "model": result.model,
+        "class_names": result.class_names,
+        "diverged": summary.diverged,
+        "config": dataclasses.asdict(config),
+        "summary": summary.to_dict(),
+        "history": [r.to_dict() for r in result.history],
+        "timings": result.timings,
+        "versions": result.versions,
+        "cache": result.cache,
+        "extra": result.extra,
+    }
+    text = json.dumps(doc, indent=2, allow_nan=False)
+    atomic_write_bytes(run_dir / METRICS_FILE, text.encode())
+    return result
+
+
+def is_finished(run_dir: str | Path) -> bool:
+    """True when the run directory holds its metrics.json."""
+    return (Path(run_dir) / METRICS_FILE).is_file()
+
+
+def load_run(run_dir: str | Path) -> RunResult:
+    """Read a finished run directory back; an unfinished or foreign one is a UserError."""
+    run_dir = Path(run_dir)
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        what = "does not exist" if not run_dir.exists() else "is not a finished run (no metrics.json)"
+        raise UserError(f"{run_dir} {what}; pass a run directory written by featcache.")
+    try:
+        doc = json.loads(path.read_text())
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        config = TrainConfig(**{k: v for k, v in doc["config"].items() if k in known})
+        return RunResult(
+            run_dir=run_dir, mode=doc["mode"], model=doc["model"], config=config,
+            summary=RunSummary.from_dict(doc["summary"]),
+            history=[EpochRecord.from_dict(r) for r in doc["history"]],
+            timings=dict(doc["timings"]), class_names=list(doc["class_names"]), cache=dict(doc.get("cache") or {}),
+            versions=dict(doc.get("versions") or {}), extra=dict(doc.get("extra") or {}),
+        )
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is not a featcache run file ({e}); was it edited by hand?") from None
