@@ -370,9 +370,10 @@ def report(run_dirs, fmt, figure):
 @click.option("--image-size", default=64, show_default=True, help="Crop size (the demo images are 64 px).")
 @click.option("--epochs", default=30, show_default=True, help="Epochs of head-train and of the frozen loop.")
 @click.option("--finetune-epochs", default=3, show_default=True, help="Epochs of the full fine-tune (slowest).")
+@click.option("--lr", default=0.01, show_default=True, help="Learning rate of all three trainings (SGD).")
 @click.option("--cache-dir", default="cache", show_default=True)
 @click.option("--runs-dir", default="runs", show_default=True)
-def demo(model, weights, image_size, epochs, finetune_epochs, cache_dir, runs_dir):
+def demo(model, weights, image_size, epochs, finetune_epochs, lr, cache_dir, runs_dir):
     """Run everything on the built-in demo dataset, no network needed.
 
     demo data -> extract -> head-train (JAX, cached) -> finetune --freeze-backbone (the classic
@@ -400,7 +401,7 @@ def demo(model, weights, image_size, epochs, finetune_epochs, cache_dir, runs_di
     cache_file = run_extract(ExtractConfig(model=model, data=data, weights=weights, image_size=image_size,
                                            cache_dir=cache_dir), log=click.echo)
     extract_s = time.perf_counter() - t0
-    train = TrainConfig(epochs=epochs, runs_dir=runs_dir)
+    train = TrainConfig(epochs=epochs, lr=lr, runs_dir=runs_dir)
     click.echo(f"\n== 2. head-train on the cache ({epochs} epochs, JAX)")
     head = train_head(cache=cache_file, config=train)
     print_summary(head)
