@@ -32,11 +32,11 @@ from featcache.config import TrainConfig
 from featcache.errors import UserError
 from featcache.metrics import EpochRecord, RunSummary
 from featcache.plan import TrainPlan, check_config, make_plan, num_outputs_for
+from featcache.standardize import STD_FLOOR, standardization  # noqa: F401  (STD_FLOOR: re-exported)
 
 # torch.optim.Adam / AdamW defaults
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
-STD_FLOOR = 1e-6  # --standardize: a constant feature is divided by this, not by 0
 
 Arrays = tuple[np.ndarray, np.ndarray]  # features (N, D), labels (N,)
 
@@ -120,8 +120,13 @@ def scale_by_torch_adam(b1: float = ADAM_BETAS[0], b2: float = ADAM_BETAS[1],
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def update_direction(config: TrainConfig) -> optax.GradientTransformation:
+def update_direction(config: TrainConfig, *, weight_decay: float | jax.Array | None = None
+                     ) -> optax.GradientTransformation:
     """The optax chain whose output d gives torch.optim's step as p <- p - lr * d.
+
+    weight_decay: None = config.weight_decay; otherwise it replaces it and may be traced: a scalar or
+    an array broadcast against every parameter (one value per output, for the heads side by side of
+    training_program), so the wd term is then always in the chain (adding 0 * p).
 
     The epoch's lr is applied by the caller (it changes per epoch), so every term torch scales
     by lr sits inside d:
@@ -131,20 +136,21 @@ def update_direction(config: TrainConfig) -> optax.GradientTransformation:
     * adamw: m_hat / (sqrt(v_hat) + eps) + wd*p, wd*p taken before the step: torch's decoupled
       p <- p - lr*wd*p followed by the Adam step.
     """
-    wd = float(config.weight_decay)
+    wd = float(config.weight_decay) if weight_decay is None else weight_decay
+    decay = weight_decay is not None or bool(wd)
     parts: list[optax.GradientTransformation] = []
     if config.optimizer == "sgd":
-        if wd:
+        if decay:
             parts.append(optax.add_decayed_weights(wd))
         if config.momentum:
             parts.append(optax.trace(decay=float(config.momentum), nesterov=bool(config.nesterov)))
     elif config.optimizer == "adam":
-        if wd:
+        if decay:
             parts.append(optax.add_decayed_weights(wd))
         parts.append(scale_by_torch_adam())
     elif config.optimizer == "adamw":
         parts.append(scale_by_torch_adam())
-        if wd:
+        if decay:
             parts.append(optax.add_decayed_weights(wd))
     else:
         raise ValueError(f"unknown optimizer {config.optimizer!r}")
@@ -171,12 +177,53 @@ def train_program(*, num_outputs: int, config: TrainConfig) -> Callable:
         batch_correct (E, B) i32, val_logits (E, Nv, K) f32, epoch_params: params stacked (E, ...)
         as they are at the end of each epoch).
     """
-    model = LinearHead(num_outputs)
-    tx = update_direction(config)
+    return jax.jit(training_program(num_outputs=num_outputs, config=config))
 
-    def program(params, x_train, y_train, x_val, idx, mask, lrs):
+
+def training_program(*, num_outputs: int, config: TrainConfig, heads: int | None = None) -> Callable:
+    """The un-jitted training program: one head (what `train_program` compiles) or H heads side by side.
+
+    heads=None: program(params, x_train, y_train, x_val, idx, mask, lrs (E,)), as train_program.
+    heads=H: H independent heads share the batches as one Dense of H*K outputs (head h owns outputs
+    h*K .. h*K+K-1), each with its own lr and weight decay (config.lr and config.weight_decay are
+    then ignored): program(params: kernel (D, H*K), bias (H*K,), x_train, y_train, x_val, idx, mask,
+    lrs (E, H) f32, weight_decays (H,) f32) -> (batch_loss (E, B, H), batch_correct (E, B, H),
+    val_logits (E, Nv, H, K), epoch_params). The loss is the sum of the heads' losses, whose gradient
+    for head h is head h's own gradient, and the optimizer is elementwise, so every head takes the
+    steps it takes alone; but the H heads cost one matrix product per step instead of H
+    matrix-vector products (featcache.sweep runs its grid this way).
+    """
+    multi = heads is not None
+    num_heads = heads or 1
+    model = LinearHead(num_outputs * num_heads)
+
+    def per_head(logits):  # (M, H*K) -> (M, H, K)
+        return logits.reshape(logits.shape[0], num_heads, num_outputs)
+
+    # The parameters are carried with the output axis first: kernel (H*K, D) as nn.Linear.weight, bias
+    # (H*K, 1). The step's products then take the forms XLA's CPU matmul kernels accept as they are
+    # (x @ W' and dlogits' @ x), with no transposed copy of the kernel in every step, and a per-output
+    # value (H*K, 1) broadcasts against both leaves. Exact: transposes and reshapes compute nothing.
+    def to_carried(params):
+        linear = params["params"]["linear"]
+        return {"params": {"linear": {"kernel": jnp.swapaxes(linear["kernel"], -1, -2),
+                                      "bias": linear["bias"][..., None]}}}
+
+    def from_carried(carried):
+        linear = carried["params"]["linear"]
+        return {"params": {"linear": {"kernel": jnp.swapaxes(linear["kernel"], -1, -2),
+                                      "bias": linear["bias"][..., 0]}}}
+
+    def per_output(values):  # (H,) per head -> (H*K, 1) per output
+        return jnp.repeat(values, num_outputs)[:, None]
+
+    def program(params, x_train, y_train, x_val, idx, mask, lrs, *weight_decays):
+        # per output column: head h's lr and weight decay repeated over its K outputs
+        tx = update_direction(config, weight_decay=per_output(weight_decays[0]) if multi else None)
+
         def epoch_step(carry, epoch):
-            idx_e, mask_e, lr = epoch  # (B, S), (B, S), ()
+            idx_e, mask_e, lr = epoch  # (B, S), (B, S), () or (H,)
+            step_lr = per_output(lr) if multi else lr
 
             def batch_step(carry, batch):
                 params, opt_state = carry
@@ -184,23 +231,28 @@ def train_program(*, num_outputs: int, config: TrainConfig) -> Callable:
                 xb, yb = x_train[rows], y_train[rows]
 
                 def loss_fn(p):
-                    logits = model.apply(p, xb)
-                    return masked_loss(logits, yb, m), logits
+                    logits = per_head(model.apply(from_carried(p), xb))  # (S, H, K)
+                    losses = jax.vmap(masked_loss, in_axes=(1, None, None))(logits, yb, m)  # (H,)
+                    return jnp.sum(losses), (losses, logits)
 
-                (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+                (_, (loss, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
                 direction, opt_state = tx.update(grads, opt_state, params)
-                params = optax.apply_updates(params, jax.tree.map(lambda d: -lr * d, direction))
-                correct = jnp.sum((predictions(logits) == yb) & (m > 0))
+                params = optax.apply_updates(params, jax.tree.map(lambda d: -step_lr * d, direction))
+                correct = jnp.sum((jax.vmap(predictions, in_axes=1)(logits) == yb) & (m > 0), axis=1)  # (H,)
                 return (params, opt_state), (loss, correct)
 
             (params, opt_state), (losses, correct) = jax.lax.scan(batch_step, carry, (idx_e, mask_e))
-            val_logits = model.apply(params, x_val)
-            return (params, opt_state), (losses, correct, val_logits, params)
+            val_logits = per_head(model.apply(from_carried(params), x_val))  # (Nv, H, K)
+            return (params, opt_state), (losses, correct, val_logits, from_carried(params))
 
-        _, outs = jax.lax.scan(epoch_step, (params, tx.init(params)), (idx, mask, lrs))
-        return outs
+        carried = to_carried(params)
+        _, (losses, correct, val_logits, epoch_params) = jax.lax.scan(
+            epoch_step, (carried, tx.init(carried)), (idx, mask, lrs))
+        if multi:
+            return losses, correct, val_logits, epoch_params
+        return losses[..., 0], correct[..., 0], val_logits[:, :, 0], epoch_params
 
-    return jax.jit(program)
+    return program
 
 
 @dataclass(frozen=True)
@@ -229,21 +281,28 @@ def _features(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)  # float16 caches are trained in float32
 
 
-def fit_head(train: Arrays, val: Arrays, test: Arrays, *, num_classes: int, config: TrainConfig,
-             class_names: Sequence[str] | None = None) -> HeadFit:
-    """Train the linear head on in-memory features and score it.
+@dataclass(frozen=True)
+class HeadData:
+    """The three splits checked and in float32, z-scored with the train mean/std under config.standardize."""
 
-    Args:
-        train, val, test: (features (N, D) float32|float16, labels (N,) int in [0, num_classes)).
-        num_classes: C >= 2; two classes train one logit with BCE, more train C with softmax CE.
-        config: the TrainConfig (runs_dir is not used here).
-        class_names: C names for the summary; default "0", "1", ...
+    x_train: np.ndarray  # (N, D) float32
+    y_train: np.ndarray  # (N,) int64
+    x_val: np.ndarray  # (Nv, D)
+    y_val: np.ndarray  # (Nv,)
+    x_test: np.ndarray  # (Nt, D)
+    y_test: np.ndarray  # (Nt,)
+    mean: np.ndarray | None  # (D,) float32 with standardize, else None
+    std: np.ndarray | None  # (D,)
+    class_names: list[str]  # C names
 
-    Returns:
-        HeadFit. Timings: compile_s (lower + compile) and train_s (the compiled program, data
-        transfer included). Each history record's seconds = train_s / epochs (the epochs run
-        in one program); summary.training_time = compile_s + train_s.
-    """
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def prepare_data(train: Arrays, val: Arrays, test: Arrays, *, num_classes: int, config: TrainConfig,
+                 class_names: Sequence[str] | None = None) -> HeadData:
+    """Check the splits (user errors for empty splits and foreign labels) and standardize them if asked."""
     check_config(config)
     names = [str(i) for i in range(num_classes)] if class_names is None else [str(c) for c in class_names]
     if len(names) != num_classes:
@@ -261,42 +320,79 @@ def fit_head(train: Arrays, val: Arrays, test: Arrays, *, num_classes: int, conf
 
     mean = std = None
     if config.standardize:
-        mean = x_train.mean(axis=0, dtype=np.float64).astype(np.float32)  # (D,)
-        std = np.maximum(x_train.std(axis=0, dtype=np.float64), STD_FLOOR).astype(np.float32)
+        mean, std = standardization(x_train)
         x_train, x_val, x_test = [(x - mean) / std for x in (x_train, x_val, x_test)]
+    return HeadData(x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_val, x_test=x_test, y_test=y_test,
+                    mean=mean, std=std, class_names=names)
 
-    num_outputs = num_outputs_for(num_classes)
-    plan = make_plan(n_train=len(y_train), feature_dim=x_train.shape[1], num_outputs=num_outputs, config=config)
+
+def program_args(plan: TrainPlan, data: HeadData) -> tuple:
+    """The arguments of `train_program` for one plan: (params, x_train, y_train, x_val, idx, mask, lrs)."""
     idx, mask = padded_batches(plan)
-    args = (params_from_linear(plan.weight, plan.bias), x_train, y_train.astype(np.int32), x_val, idx, mask,
-            plan.lrs.astype(np.float32))
+    return (params_from_linear(plan.weight, plan.bias), data.x_train, data.y_train.astype(np.int32), data.x_val,
+            idx, mask, plan.lrs.astype(np.float32))
+
+
+def fit_head(train: Arrays, val: Arrays, test: Arrays, *, num_classes: int, config: TrainConfig,
+             class_names: Sequence[str] | None = None) -> HeadFit:
+    """Train the linear head on in-memory features and score it.
+
+    Args:
+        train, val, test: (features (N, D) float32|float16, labels (N,) int in [0, num_classes)).
+        num_classes: C >= 2; two classes train one logit with BCE, more train C with softmax CE.
+        config: the TrainConfig (runs_dir is not used here).
+        class_names: C names for the summary; default "0", "1", ...
+
+    Returns:
+        HeadFit. Timings: compile_s (lower + compile) and train_s (the compiled program, data
+        transfer included). Each history record's seconds = train_s / epochs (the epochs run
+        in one program); summary.training_time = compile_s + train_s.
+    """
+    data = prepare_data(train, val, test, num_classes=num_classes, config=config, class_names=class_names)
+    num_outputs = num_outputs_for(num_classes)
+    plan = make_plan(n_train=len(data.y_train), feature_dim=data.x_train.shape[1], num_outputs=num_outputs,
+                     config=config)
+    args = program_args(plan, data)
 
     t0 = time.perf_counter()
     compiled = train_program(num_outputs=num_outputs, config=config).lower(*args).compile()
     t1 = time.perf_counter()
     outs = jax.block_until_ready(compiled(*args))
     t2 = time.perf_counter()
-    compile_s, train_s = t1 - t0, t2 - t1
-    batch_loss, batch_correct, val_logits, epoch_params = jax.tree.map(np.asarray, outs)
+    return fit_from_outputs(jax.tree.map(np.asarray, outs), plan=plan, data=data,
+                            timings={"compile_s": t1 - t0, "train_s": t2 - t1})
 
+
+def fit_from_outputs(outs: tuple, *, plan: TrainPlan, data: HeadData, timings: dict[str, float]) -> HeadFit:
+    """One training's HeadFit from the outputs of its program (as numpy): history, selected epoch, test scores.
+
+    Args:
+        outs: (batch_loss (E, B), batch_correct (E, B), val_logits (E, Nv, K), epoch_params), see train_program.
+        plan: the plan the program followed.
+        data: the splits it trained on.
+        timings: compile_s and train_s of the program; history seconds = train_s / E,
+            summary.training_time = compile_s + train_s.
+    """
+    batch_loss, batch_correct, val_logits, epoch_params = outs
+    compile_s, train_s = timings["compile_s"], timings["train_s"]
     sizes = plan.batch_sizes()
     history = []
     for e in range(plan.epochs):
         # loss of each batch * its size, in float64: what `running_loss += loss.item() * bs` sums
         train_loss, train_acc = metrics.epoch_train_metrics(
             batch_loss[e].astype(np.float64) * sizes, batch_correct[e], sizes)
-        val_loss, val_acc = metrics.evaluate(val_logits[e], y_val, num_classes)
+        val_loss, val_acc = metrics.evaluate(val_logits[e], data.y_val, data.num_classes)
         history.append(EpochRecord(epoch=e + 1, lr=float(plan.lrs[e]), train_loss=train_loss, train_acc=train_acc,
                                    val_loss=val_loss, val_acc=val_acc, seconds=train_s / plan.epochs))
     selected = metrics.select_epoch(history)
 
     epoch_weights, epoch_biases = linear_from_params(epoch_params)
     weight, bias = epoch_weights[selected], epoch_biases[selected]
-    test_logits = x_test @ weight.T + bias  # (N_test, K) float32; numpy, so no second compile
-    summary = metrics.summarize(history, selected, test_logits=test_logits, test_labels=y_test,
-                                class_names=names, train_seconds=compile_s + train_s)
+    test_logits = data.x_test @ weight.T + bias  # (N_test, K) float32; numpy, so no second compile
+    summary = metrics.summarize(history, selected, test_logits=test_logits, test_labels=data.y_test,
+                                class_names=data.class_names, train_seconds=compile_s + train_s)
     return HeadFit(history=history, selected=selected, summary=summary, epoch_weights=epoch_weights,
-                   epoch_biases=epoch_biases, weight=weight, bias=bias, mean=mean, std=std,
+                   epoch_biases=epoch_biases, weight=weight, bias=bias, mean=data.mean, std=data.std,
                    test_logits=test_logits, timings={"compile_s": compile_s, "train_s": train_s}, plan=plan)
 
 
@@ -350,7 +446,8 @@ def train_head(*, cache: str | Path, config: TrainConfig, run_name: str | None =
     _say(progress, f"Compiled in {fit.timings['compile_s']:.2f} s; trained {config.epochs} epochs "
                    f"in {fit.timings['train_s']:.3f} s")
     if fit.diverged:
-        reasons = (metrics.divergence_reason(fit.history[:i], r) for i, r in enumerate(fit.history))
+        reasons = (metrics.divergence_reason(fit.history[:i], r, num_classes=len(class_names))
+                   for i, r in enumerate(fit.history))
         _say(progress, f"Warning: training diverged ({next(r for r in reasons if r)}); lower --lr. "
                        "The run is recorded as diverged.")
 

@@ -177,30 +177,40 @@ class EpochRecord:
                       for f in fields(cls)})
 
 
-DIVERGENCE_FACTOR = 10.0  # an epoch's train loss this many times above the best so far ...
-DIVERGENCE_FLOOR = 1.0  # ... and above this absolute level counts as divergence
+DIVERGENCE_FACTOR = 10.0  # a train loss this many times above the best so far (and above chance) ...
+BLOWUP_FACTOR = 100.0  # ... or this many times the chance level, even in the first epoch
 
 
-def divergence_reason(previous: Sequence[EpochRecord], record: EpochRecord) -> str | None:
+def chance_loss(num_classes: int) -> float:
+    """The loss of a head that predicts the uniform distribution: ln 2 (one logit, BCE) or ln C."""
+    return math.log(num_classes)
+
+
+def divergence_reason(previous: Sequence[EpochRecord], record: EpochRecord, *, num_classes: int) -> str | None:
     """Why `record` (the epoch after `previous`) counts as diverged, or None.
 
-    Diverged: its train or val loss is NaN/inf, or its train loss jumped above both
-    DIVERGENCE_FACTOR times the lowest train loss of the previous epochs and DIVERGENCE_FLOOR.
+    Diverged: its train or val loss is NaN/inf; or its train loss is above BLOWUP_FACTOR times
+    the chance-level loss (a blow-up, even in the first epoch); or it jumped above
+    DIVERGENCE_FACTOR times the lowest train loss of the previous epochs while above chance level.
     """
     if not (math.isfinite(record.train_loss) and math.isfinite(record.val_loss)):
         return f"loss became NaN/inf in epoch {record.epoch}"
+    chance = chance_loss(num_classes)
+    if record.train_loss > BLOWUP_FACTOR * chance:
+        return (f"train loss reached {record.train_loss:.4g} in epoch {record.epoch}, "
+                f"over {BLOWUP_FACTOR:g}x the chance level {chance:.3g}")
     finite = [r.train_loss for r in previous if math.isfinite(r.train_loss)]
     if finite:
         best = min(finite)
-        if record.train_loss > max(DIVERGENCE_FACTOR * best, DIVERGENCE_FLOOR):
+        if record.train_loss > max(DIVERGENCE_FACTOR * best, chance):
             return (f"train loss jumped to {record.train_loss:.4g} in epoch {record.epoch}, "
                     f"over {DIVERGENCE_FACTOR:g}x its best {best:.4g}")
     return None
 
 
-def is_diverged(history: Sequence[EpochRecord]) -> bool:
+def is_diverged(history: Sequence[EpochRecord], *, num_classes: int) -> bool:
     """True when some epoch of `history` diverged by `divergence_reason`."""
-    return any(divergence_reason(history[:i], r) for i, r in enumerate(history))
+    return any(divergence_reason(history[:i], r, num_classes=num_classes) for i, r in enumerate(history))
 
 
 def select_epoch(history: Sequence[EpochRecord]) -> int:
@@ -282,23 +292,91 @@ def summarize(history: Sequence[EpochRecord], selected: int, *, test_logits: np.
     cm = confusion_matrix(labels, pred, num_classes)
     precision, recall, f1 = per_class_scores(cm)
     last, best = history[-1], history[selected]
+    scored = bool(np.isfinite(logits).all())  # no test score from NaN/inf logits (a diverged run)
+    nan = float("nan")
     return RunSummary(
         train_loss=last.train_loss,
         train_acc=last.train_acc,
         best_val_loss=best.val_loss,
         best_val_acc=best.val_acc,
-        test_acc=accuracy(pred, labels),
+        test_acc=accuracy(pred, labels) if scored else nan,
         training_time=float(train_seconds),
         test_loss=loss_from_logits(logits, labels, num_classes),
-        balanced_accuracy=balanced_accuracy(cm),
+        balanced_accuracy=balanced_accuracy(cm) if scored else nan,
         precision=precision.tolist(),
         recall=recall.tolist(),
         f1=f1.tolist(),
         support=cm.sum(axis=1).tolist(),
         confusion_matrix=cm.tolist(),
-        roc_auc=roc_auc(logits[:, 0], labels) if num_classes == 2 else None,
+        roc_auc=roc_auc(logits[:, 0], labels) if num_classes == 2 and scored else None,
         selected_epoch=best.epoch,
         epochs=len(history),
         class_names=[str(c) for c in class_names],
-        diverged=is_diverged(history) if diverged is None else bool(diverged),
+        diverged=is_diverged(history, num_classes=num_classes) if diverged is None else bool(diverged),
     )
+
+
+# --------------------------------------------------------------------------- intervals over seeds
+
+# Two-sided 95 % quantiles of Student's t, t_{0.975, df}, for df = 1..30 (4 decimals, as printed tables).
+T_975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
+         2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
+         2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423)
+Z_975 = 1.959963984540054  # the normal quantile t tends to
+
+
+def t_quantile_975(df: int) -> float:
+    """t_{0.975, df}: the table for df <= 30, beyond it the Cornish-Fisher expansion around the normal
+    quantile (error < 1e-4 for df > 30)."""
+    if df < 1:
+        raise ValueError(f"df must be >= 1, got {df}")
+    if df <= len(T_975):
+        return T_975[df - 1]
+    z = Z_975
+    g1 = (z ** 3 + z) / 4
+    g2 = (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96
+    g3 = (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384
+    return z + g1 / df + g2 / df ** 2 + g3 / df ** 3
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Mean of n values (one per seed) with its 95 % t-interval: mean ± half_width.
+
+    half_width = t_{0.975, n-1} * s / sqrt(n), s the sample standard deviation (ddof 1); nan for
+    n = 1 (no interval from one value). A non-finite value makes mean and half_width nan.
+    """
+
+    mean: float
+    half_width: float
+    n: int
+
+    @property
+    def low(self) -> float:
+        return self.mean - self.half_width
+
+    @property
+    def high(self) -> float:
+        return self.mean + self.half_width
+
+    def to_dict(self) -> dict:
+        """JSON-safe dict (non-finite numbers as None), low and high included."""
+        return {"mean": _finite_or_none(self.mean), "half_width": _finite_or_none(self.half_width),
+                "low": _finite_or_none(self.low), "high": _finite_or_none(self.high), "n": self.n}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Interval":
+        return cls(mean=_none_to_nan(d["mean"]), half_width=_none_to_nan(d["half_width"]), n=int(d["n"]))
+
+
+def mean_interval(values: Sequence[float]) -> Interval:
+    """Mean and 95 % t-interval of `values` (e.g. test accuracy of K seeds); see Interval."""
+    x = np.asarray(values, dtype=np.float64).reshape(-1)
+    if len(x) == 0:
+        raise ValueError("no values")
+    if not np.isfinite(x).all():
+        return Interval(mean=float("nan"), half_width=float("nan"), n=len(x))
+    if len(x) == 1:
+        return Interval(mean=float(x[0]), half_width=float("nan"), n=1)
+    half = t_quantile_975(len(x) - 1) * float(x.std(ddof=1)) / math.sqrt(len(x))
+    return Interval(mean=float(x.mean()), half_width=half, n=len(x))

@@ -150,3 +150,28 @@ def test_summary_of_a_diverged_run_is_json_safe():
     assert math.isnan(RunSummary.from_dict(d).train_loss)
     r = EpochRecord.from_dict(json.loads(json.dumps(history[1].to_dict(), allow_nan=False)))
     assert math.isnan(r.train_loss) and r.epoch == 2
+
+
+def _rec(epoch, train_loss, val_loss=0.5):
+    from featcache.metrics import EpochRecord
+
+    return EpochRecord(epoch=epoch, lr=0.1, train_loss=train_loss, train_acc=0.5, val_loss=val_loss,
+                       val_acc=0.5, seconds=1.0)
+
+
+def test_divergence_rule():
+    from featcache.metrics import divergence_reason, is_diverged
+
+    # NaN/inf in train or val loss
+    assert "NaN" in divergence_reason([], _rec(1, float("nan")), num_classes=2)
+    assert "NaN" in divergence_reason([], _rec(1, 0.5, float("inf")), num_classes=2)
+    # a blow-up in the very first epoch: 100x the chance level ln 2 = 69.3
+    assert divergence_reason([], _rec(1, 70.0), num_classes=2)
+    assert divergence_reason([], _rec(1, 60.0), num_classes=2) is None
+    # a jump over 10x the best earlier epoch, above chance level
+    assert "jumped" in divergence_reason([_rec(1, 0.2), _rec(2, 0.5)], _rec(3, 2.1), num_classes=2)
+    assert divergence_reason([_rec(1, 0.2)], _rec(2, 1.9), num_classes=2) is None  # < 10 x 0.2
+    assert divergence_reason([_rec(1, 0.01)], _rec(2, 0.5), num_classes=2) is None  # below chance ln 2
+    assert divergence_reason([_rec(1, 0.01)], _rec(2, 1.05), num_classes=3) is None  # below chance ln 3 = 1.0986
+    assert is_diverged([_rec(1, 0.3), _rec(2, 0.2), _rec(3, 5.0)], num_classes=2)
+    assert not is_diverged([_rec(1, 5.8), _rec(2, 14.7), _rec(3, 2.4)], num_classes=2)  # unstable, recovers
