@@ -56,11 +56,11 @@ def finetune(config: FinetuneConfig, train: TrainConfig, *, resume: str | Path |
         log(f"resuming {run_dir}")
     else:
         run_dir = None
-    if config.amp and config.device == "cpu":
+    device = pick_device(config.device)
+    if config.amp and device.type != "cuda":
         raise UserError("--amp is bf16 autocast on CUDA; add --device cuda or drop --amp.")
     if config.augment and config.freeze_backbone:
         log("note: --augment with --freeze-backbone departs from the cached frozen mode (no parity)")
-    device = pick_device(config.device)
     root = resolve_data_root(config.data.root, cache_dir=config.cache_dir)
     index = scan_dataset(root, val_fraction=config.data.val_fraction,
                          test_fraction=config.data.test_fraction, seed=config.data.split_seed)
@@ -130,9 +130,11 @@ class _Loop:
         self.sampler = _PlanBatches(plan)
         workers = config.num_workers if config.num_workers >= 0 else _default_workers()
         train_tf = make_train_transform(backbone.transform_desc) if config.augment else backbone.transform
+        # Not persistent: each epoch's workers then take their seeds from the per-epoch torch seed
+        # (_train_epoch), so augmentation and Dropout of a resumed run replay an uninterrupted one.
         self.train_loader = torch.utils.data.DataLoader(
             ImageDataset(index.root, index.splits["train"], train_tf), batch_sampler=self.sampler,
-            num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda")
+            num_workers=workers, pin_memory=device.type == "cuda")
         self.eval_loaders = {
             split: torch.utils.data.DataLoader(
                 ImageDataset(index.root, index.splits[split], backbone.transform),
@@ -248,11 +250,13 @@ class _Loop:
                 record = metrics.EpochRecord(epoch=epoch + 1, lr=float(self.plan.lrs[epoch]),
                                              train_loss=train_loss, train_acc=train_acc, val_loss=val_loss,
                                              val_acc=val_acc, seconds=time.perf_counter() - t0)
-                diverged = metrics.divergence_reason(history, record)
+                diverged = metrics.divergence_reason(history, record, num_classes=self.num_classes)
                 history.append(record)
                 self.log(_epoch_line(record, self.plan.epochs))
                 if diverged:
-                    self.log(f"stopped: {diverged}; the last good checkpoint is {self.run_dir / LAST_CKPT}")
+                    kept = (f"the last good checkpoint is {self.run_dir / LAST_CKPT}" if len(history) > 1
+                            else "no epoch finished before it, so there is no checkpoint")
+                    self.log(f"stopped: {diverged}; {kept}")
                     break
                 if metrics.select_epoch(history) == len(history) - 1:
                     self._save(BEST_CKPT, self._state(epoch + 1, history))
@@ -307,3 +311,11 @@ def _default_workers() -> int:
     from featcache.extract import default_num_workers
 
     return default_num_workers()
+
+
+# `featcache.finetune(...)` is the Python API function of the same name (see featcache.api).
+import sys as _sys  # noqa: E402
+
+from featcache import api as _api  # noqa: E402
+
+_api.make_module_callable(_sys.modules[__name__], _api.finetune)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
+import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -38,7 +40,8 @@ def _rich_table(rows: Sequence[Mapping], *, title: str | None = None, headers: M
 def run_row(run) -> dict:
     """The study-table row of one RunResult (plus its selected epoch and run directory)."""
     s = run.summary
-    row = {"model": run.model, "mode": run.mode, "train_loss": s.train_loss, "train_acc": s.train_acc,
+    mode = f"{run.mode}/{run.extra['solver']}" if run.extra.get("solver") else run.mode  # e.g. head/ridge
+    row = {"model": run.model, "mode": mode, "train_loss": s.train_loss, "train_acc": s.train_acc,
            "best_val_loss": s.best_val_loss, "best_val_acc": s.best_val_acc, "test_acc": s.test_acc,
            "training_time": s.training_time}
     row["selected_epoch"] = s.selected_epoch
@@ -60,6 +63,8 @@ def print_summary(run) -> None:
                   f"test loss {s.test_loss:.4f}, balanced acc {s.balanced_accuracy:.4f}{auc}")
     if s.diverged:
         console.print("[bold red]diverged[/]: the run stopped early; see metrics.json")
+    for table in _extra_tables(run):
+        console.print(table)
     console.print(f"run: {run.run_dir}  (curves: {Path(run.run_dir) / 'curves.png'})")
 
 
@@ -79,8 +84,9 @@ def compare_runs(runs, *, format: str = "table", figure: str | Path | None = Non
         from featcache.plots import plot_comparison
 
         plot_comparison(loaded, figure)
-    if format == "json":
-        return json.dumps(rows, indent=2)
+    if format == "json":  # strict JSON, as metrics.json: a non-finite number is null
+        return json.dumps([{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()}
+                           for r in rows], indent=2, allow_nan=False)
     if format == "csv":
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
@@ -92,14 +98,106 @@ def compare_runs(runs, *, format: str = "table", figure: str | Path | None = Non
         lines = ["| " + " | ".join(HEADERS[c] for c in cols) + " |",
                  "|" + "|".join("---" if c in ("model", "mode") else "---:" for c in cols) + "|"]
         lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
+        intervals = interval_rows(loaded)
+        if intervals:
+            lines += ["", "Intervals over seeds (mean ± 95 % t-interval):", "",
+                      "| " + " | ".join(intervals[0]) + " |", "|" + "|".join("---" for _ in intervals[0]) + "|"]
+            lines += ["| " + " | ".join(_fmt(v) for v in r.values()) + " |" for r in intervals]
         return "\n".join(lines) + "\n"
     if format == "table":
         from rich.console import Console
 
         console = Console(width=140, record=True, file=io.StringIO())
         console.print(_rich_table([{c: r[c] for c in COLUMNS} for r in rows], title="Runs", headers=HEADERS))
+        intervals = interval_rows(loaded)
+        if intervals:
+            console.print(_rich_table(intervals, title="Intervals over seeds (mean ± 95 % t-interval)"))
+        for run in loaded:
+            if "grid" in run.extra:
+                console.print(_grid_table(run))
         return console.export_text()
     raise ValueError(f"format must be one of {FORMATS}")
+
+
+def format_interval(d: Mapping | None) -> str:
+    """'mean ± half width' of an Interval dict (metrics.Interval.to_dict); the mean alone for one value."""
+    if not d or d.get("mean") is None:
+        return "-"
+    if d.get("half_width") is None:
+        return f"{d['mean']:.4f}"
+    return f"{d['mean']:.4f} ± {d['half_width']:.4f}"
+
+
+def _setting(config) -> str:
+    return f"{config.optimizer} lr {config.lr:g} wd {config.weight_decay:g}"
+
+
+def interval_rows(runs) -> list[dict]:
+    """Rows of mean ± 95 % CI over seeds: one per grid run (its selected cell) and one per seed group.
+
+    A seed group = two or more runs with different seeds that differ in nothing else: same model, mode,
+    training settings, cache and fine-tuning settings (the first run of each seed counts; grid runs carry
+    their own intervals; ridge runs are deterministic and never grouped).
+    """
+    from featcache.metrics import mean_interval
+
+    rows, groups = [], {}
+    for run in runs:
+        if "seed_stats" in run.extra:
+            st = run.extra["seed_stats"]
+            rows.append({"model": run.model, "mode": run.mode, "setting": _setting(run.config), "seeds": st["n"],
+                         "best val acc": format_interval(st["best_val_acc"]),
+                         "test acc": format_interval(st["test_acc"]), "from": f"grid run {Path(run.run_dir).name}"})
+            continue
+        if run.extra.get("solver") == "ridge":
+            continue
+        config = dataclasses.asdict(run.config)
+        config.pop("seed")
+        config.pop("runs_dir", None)
+        key = json.dumps({"model": run.model, "mode": run.mode, "config": config, "cache": run.cache.get("key"),
+                          "finetune": run.extra.get("finetune"),
+                          "dataset": run.extra.get("dataset_fingerprint")}, sort_keys=True, default=str)
+        groups.setdefault(key, {}).setdefault(run.config.seed, run)
+    for by_seed in groups.values():
+        members = list(by_seed.values())
+        if len(members) < 2:
+            continue
+        first = members[0]
+        rows.append({"model": first.model, "mode": run_row(first)["mode"], "setting": _setting(first.config),
+                     "seeds": len(members),
+                     "best val acc": format_interval(mean_interval([r.summary.best_val_acc for r in members]).to_dict()),
+                     "test acc": format_interval(mean_interval([r.summary.test_acc for r in members]).to_dict()),
+                     "from": f"{len(members)} runs, seeds {', '.join(str(r.config.seed) for r in members)}"})
+    return rows
+
+
+def _grid_table(run):
+    grid = run.extra["grid"]
+    sel = grid["selected"]
+    rows = [{"lr": c["lr"], "weight decay": c["weight_decay"], "best val acc": format_interval(c["val_acc"]),
+             "test acc": format_interval(c["test_acc"]),
+             "selected": "◀ selected" if (c["lr"], c["weight_decay"]) == (sel["lr"], sel["weight_decay"]) else ""}
+            for c in grid["cells"]]
+    return _rich_table(rows, title=f"Grid of {run.model} heads ({grid['heads']} heads in one program; mean ± 95 % "
+                                   f"t-interval over {len(grid['seeds'])} seeds; head.npz: selected, seed "
+                                   f"{sel['saved_seed']})")
+
+
+def _extra_tables(run) -> list:
+    """The grid, seed-interval and ridge tables print_summary adds when the run has them."""
+    tables = []
+    if "grid" in run.extra:
+        tables.append(_grid_table(run))
+    if "seed_stats" in run.extra:
+        tables.append(_rich_table(interval_rows([run]), title="Selected setting over seeds"))
+    if "ridge" in run.extra:
+        r = run.extra["ridge"]
+        rows = [{"l2": l2, "train acc": tr, "val acc": va, "val MSE": mse, "test acc": te,
+                 "selected": "◀ selected" if l2 == r["selected_l2"] else ""}
+                for l2, tr, va, mse, te in zip(r["l2s"], r["train_acc"], r["val_acc"], r["val_mse"], r["test_acc"])]
+        tables.append(_rich_table(rows, title="Ridge path (closed form, one eigendecomposition; "
+                                              "selected on val acc)"))
+    return tables
 
 
 def _is_number(v) -> bool:
@@ -112,3 +210,11 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return "nan" if v != v else f"{v:.4f}"
     return str(v)
+
+
+# `featcache.report(...)` is the Python API function of the same name (see featcache.api).
+import sys as _sys  # noqa: E402
+
+from featcache import api as _api  # noqa: E402
+
+_api.make_module_callable(_sys.modules[__name__], _api.report)
