@@ -1,0 +1,178 @@
+"""Predict the class of new images with an exported model (or a run directory): batched, decoded in workers.
+
+An unreadable image is listed in `Predictions.failed` with its reason and never stops the others.
+Never imports jax.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from featcache import metrics
+from featcache.datasets import IMAGE_EXTENSIONS, ImageLoadError, load_image
+from featcache.errors import UserError
+from featcache.progress import progress_bar
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One readable image: its predicted class and the probability of every class."""
+
+    path: str
+    predicted: str  # a class name
+    probabilities: tuple[float, ...]  # (C,) in class_names order
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """The result of `predict`: rows in input order, unreadable images apart."""
+
+    class_names: list[str]
+    rows: list[Prediction]
+    failed: list[tuple[str, str]]  # (path, reason) of each unreadable image
+    logits: np.ndarray  # (len(rows), K) float32, K = 1 for two classes
+
+    def to_csv(self) -> str:
+        """CSV text: path, predicted, prob_<class>..., error; unreadable images last, with their reason."""
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["path", "predicted", *(f"prob_{c}" for c in self.class_names), "error"])
+        for r in self.rows:
+            writer.writerow([r.path, r.predicted, *(f"{p:.6f}" for p in r.probabilities), ""])
+        for path, reason in self.failed:
+            writer.writerow([path, "", *([""] * len(self.class_names)), reason])
+        return buf.getvalue()
+
+
+def predict(model: nn.Module | str | Path, images: str | Path | Sequence[str | Path], *, batch_size: int = 64,
+            num_workers: int = -1, device: str = "cpu", weights: str | None = None,
+            progress: bool = False) -> Predictions:
+    """Classify images with an exported model.
+
+    Args:
+        model: a module from `featcache.load_model`, the path of a file written by `featcache export`,
+            or a finished run directory (its module is built in memory, unchecked).
+        images: image files and folders (walked recursively: png, jpg, jpeg, tif, tiff, bmp, gif, webp;
+            hidden entries skipped).
+        batch_size: images per forward pass.
+        num_workers: DataLoader processes decoding images; -1 = half the cores, at most 4. Use 0 in a
+            process that has loaded JAX (workers fork).
+        device: "cpu", "cuda", "cuda:N" or "auto".
+        weights: for a head-train run directory whose cache came from a weights file: that file.
+        progress: a progress bar on an interactive stderr.
+
+    Returns:
+        Predictions. Raises UserError for a bad model, a path that does not exist or no images at all.
+    """
+    from featcache.backbones import pick_device
+
+    if batch_size < 1:
+        raise UserError("--batch-size must be at least 1.")
+    paths = collect_images([images] if isinstance(images, (str, Path)) else images)
+    module = resolve_model(model, weights=weights)
+    torch_device = pick_device(device)
+    module = module.to(torch_device).eval()
+    if num_workers < 0:
+        from featcache.extract import default_num_workers
+
+        num_workers = default_num_workers()
+    loader = torch.utils.data.DataLoader(
+        _ImageFiles(paths, module.transform), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        collate_fn=_collate_readable, pin_memory=torch_device.type == "cuda")
+    num_classes = len(module.class_names)
+    logits, kept, failed = [], [], []
+    with progress_bar(progress) as bar:
+        task = bar.add_task("predict", total=len(paths), info="") if bar else None
+        for batch, index, failures in loader:
+            failed += [(paths[i], reason) for i, reason in failures]
+            if len(index):
+                with torch.inference_mode():
+                    logits.append(module(batch.to(torch_device, non_blocking=True)).float().cpu().numpy())
+                kept += index
+            if bar:
+                bar.update(task, advance=len(index) + len(failures), info=f"{len(failed)} unreadable")
+    k = 1 if num_classes == 2 else num_classes
+    all_logits = np.concatenate(logits) if logits else np.zeros((0, k), np.float32)  # (N, K)
+    probabilities = metrics.probabilities(all_logits, num_classes)  # (N, C)
+    predicted = metrics.predict(all_logits, num_classes)  # (N,)
+    rows = [Prediction(path=paths[i], predicted=module.class_names[c], probabilities=tuple(float(p) for p in prob))
+            for i, c, prob in zip(kept, predicted, probabilities)]
+    return Predictions(class_names=list(module.class_names), rows=rows, failed=failed, logits=all_logits)
+
+
+def resolve_model(model: nn.Module | str | Path, *, weights: str | None = None) -> nn.Module:
+    """A module with `.class_names` and `.transform`: as given, loaded from an export, or built from a run."""
+    from featcache.export import build_module, load_model
+
+    if isinstance(model, nn.Module):
+        if not hasattr(model, "class_names") or not hasattr(model, "transform"):
+            raise UserError("The model has no .class_names/.transform; load it with featcache.load_model(PATH).")
+        return model
+    path = Path(model)
+    if path.is_dir():
+        return build_module(path, weights=weights)
+    if weights is not None:
+        raise UserError("--weights is only for a head-train run directory; an exported model holds its weights.")
+    return load_model(path)
+
+
+def collect_images(items: Sequence[str | Path]) -> list[str]:
+    """Image paths from files (kept as given) and folders (walked recursively, sorted); UserError if none."""
+    paths: list[str] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            for folder, dirs, files in os.walk(p):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                paths += [os.path.join(folder, f) for f in sorted(files)
+                          if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+        elif p.exists():
+            paths.append(str(p))
+        else:
+            raise UserError(f"{p} does not exist; pass image files or folders of images.")
+    if not paths:
+        shown = ", ".join(str(i) for i in list(items)[:3]) or "(nothing)"
+        raise UserError(f"No images found in {shown} ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
+                        "pass image files or folders of images.")
+    return paths
+
+
+class _ImageFiles:
+    """Map-style dataset: i -> (transformed image or None, i, reason); a worker never raises on a bad file."""
+
+    def __init__(self, paths: Sequence[str], transform):
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.transform(load_image(self.paths[i])), i, ""
+        except ImageLoadError as exc:
+            return None, i, exc.reason
+
+
+def _collate_readable(items):
+    """(images (B', 3, S, S) of the readable items, their indices, [(index, reason)] of the others)."""
+    good = [(image, i) for image, i, _ in items if image is not None]
+    images = torch.stack([image for image, _ in good]) if good else torch.zeros(0)
+    return images, [i for _, i in good], [(i, reason) for image, i, reason in items if image is None]
+
+
+# `featcache.predict(...)` is the Python API function of the same name (see featcache.api).
+import sys as _sys  # noqa: E402
+
+from featcache import api as _api  # noqa: E402
+
+_api.make_module_callable(_sys.modules[__name__], _api.predict)
