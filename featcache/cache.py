@@ -146,7 +146,7 @@ class CacheWriter:
     def _open_or_create(self, *, meta, feature_dim, dtype, splits) -> h5py.File:
         if self.partial.exists():
             try:
-                f = h5py.File(self.partial, "r+")
+                f = h5py.File(self.partial, "r+", locking=False)  # our flock guards writers
                 ok = f.attrs.get("key") == meta["key"] and all(
                     s in f and f[s]["features"].shape == (len(rows.labels), feature_dim)
                     for s, rows in splits.items()
@@ -160,7 +160,7 @@ class CacheWriter:
                 f.close()
             self.partial.unlink()
         self.partial.parent.mkdir(parents=True, exist_ok=True)
-        f = h5py.File(self.partial, "w", track_order=True)
+        f = h5py.File(self.partial, "w", track_order=True, locking=False)
         for name, value in meta.items():
             f.attrs[name] = json.dumps(value) if name in _JSON_ATTRS else value
         f.attrs["format_version"] = FORMAT_VERSION
@@ -361,7 +361,7 @@ def list_caches(cache_dir: str | Path) -> list[dict]:
         if p.name.endswith(PARTIAL_SUFFIX):
             row["status"] = "partial"
         try:
-            with h5py.File(p, "r") as f:
+            with h5py.File(p, "r", locking=False) as f:  # a writer holds the HDF5 lock of a partial
                 meta = _decode_attrs(f.attrs)
                 row.update(model=meta.get("model"), weights=meta.get("weights"), dtype=meta.get("dtype"),
                            feature_dim=meta.get("feature_dim"), key=meta.get("key"))

@@ -6,9 +6,11 @@ one HDF5 open, not a torch start-up. torch and the network are imported only to 
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 import platform
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -149,36 +151,41 @@ def _run_extraction(plan: ExtractPlan, *, progress: bool, log: Log) -> Path:
     n_done = 0
     try:
         with ThreadPoolExecutor(max_workers=1) as pool, progress_bar(progress) as bar:
-            for split, samples in plan.index.splits.items():
-                batches = writer.pending(split, config.batch_size)
-                n_todo = sum(b - a for a, b in batches)
-                task = bar.add_task(f"{config.model} {split}", total=n_todo, info="") if bar else None
-                if not n_todo:
-                    continue
-                dataset = ImageDataset(plan.index.root, samples, backbone.transform)
-                loader = torch.utils.data.DataLoader(
-                    dataset, batch_sampler=[range(a, b) for a, b in batches],
-                    num_workers=num_workers, pin_memory=device.type == "cuda",
-                    persistent_workers=False,
-                )
-                pending_write = None
-                for images, _labels, rows in loader:
-                    images = images.to(device, non_blocking=True)
-                    if device.type == "cuda":
-                        images = images.contiguous(memory_format=torch.channels_last)
-                    with torch.inference_mode(), torch.autocast(
-                            device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda"):
-                        feats = net(images)  # (B, D)
-                    feats = feats.float().cpu().numpy().astype(out_dtype, copy=False)
-                    if pending_write is not None:
-                        pending_write.result()
-                    # HDF5 writing overlaps the next batch's decode and forward pass.
-                    pending_write = pool.submit(writer.write, split, int(rows[0]), feats)
-                    n_done += len(feats)
-                    if bar:
-                        bar.advance(task, len(feats))
+            # One loader over every split, so the decode workers start once and have the next batch
+            # ready across split boundaries. batches[i] = (split, first row in split, global rows).
+            samples: list = []
+            batches: list[tuple[str, int, range]] = []
+            tasks = {}
+            for split, split_samples in plan.index.splits.items():
+                pending = writer.pending(split, config.batch_size)
+                n_todo = sum(b - a for a, b in pending)
+                tasks[split] = bar.add_task(f"{config.model} {split}", total=n_todo, info="") if bar else None
+                batches += [(split, a, range(len(samples) + a, len(samples) + b)) for a, b in pending]
+                samples += split_samples
+            loader = torch.utils.data.DataLoader(
+                ImageDataset(plan.index.root, samples, backbone.transform),
+                batch_sampler=[rows for _, _, rows in batches],
+                num_workers=num_workers if batches else 0, pin_memory=device.type == "cuda",
+                persistent_workers=False, worker_init_fn=functools.partial(_die_with_parent, os.getpid()),
+            )
+            pending_write = None
+            for (split, start, _rows), (images, _labels, _index) in zip(batches, loader):
+                images = images.to(device, non_blocking=True)
+                if device.type == "cuda":
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with torch.inference_mode(), torch.autocast(
+                        device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda"):
+                    feats = net(images)  # (B, D)
+                feats = feats.float().cpu().numpy().astype(out_dtype, copy=False)
                 if pending_write is not None:
                     pending_write.result()
+                # HDF5 writing overlaps the next batch's decode and forward pass.
+                pending_write = pool.submit(writer.write, split, start, feats)
+                n_done += len(feats)
+                if bar:
+                    bar.advance(tasks[split], len(feats))
+            if pending_write is not None:
+                pending_write.result()
         path = writer.finish()
     finally:
         writer.close()
@@ -189,6 +196,37 @@ def _run_extraction(plan: ExtractPlan, *, progress: bool, log: Log) -> Path:
     return path
 
 
+def _die_with_parent(parent_pid: int, _worker_id: int) -> None:
+    """DataLoader worker init: die with the extracting process (Linux).
+
+    A forked worker shares the cache lock and the HDF5 file of its parent; orphaned by a SIGKILL it
+    would keep them for ~5 s (torch's watchdog interval) and an immediate re-run would be refused.
+    """
+    if sys.platform != "linux":
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def default_num_workers() -> int:
-    """Decode workers when --num-workers is not given: half the cores, at most 4 (forward uses the rest)."""
-    return max(0, min(4, (os.cpu_count() or 2) // 2))
+    """Decode workers when --num-workers is not given: half the cores, at most 4 (forward uses the rest).
+
+    None when JAX is loaded in this process (e.g. `featcache demo` after head-train): DataLoader
+    workers are forked, and forking a process that runs JAX's threads can deadlock.
+    """
+    if "jax" in sys.modules:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return max(0, min(4, cores // 2))
+
+
+# `featcache.extract(...)` is the Python API function of the same name (see featcache.api).
+import sys as _sys  # noqa: E402
+
+from featcache import api as _api  # noqa: E402
+
+_api.make_module_callable(_sys.modules[__name__], _api.extract)
