@@ -17,7 +17,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["extract", "load_features", "train_head", "finetune", "report", "make_module_callable"]
+__all__ = ["extract", "load_features", "train_head", "finetune", "report", "export", "load_model", "predict",
+           "train_grid", "train_ridge", "finetune_seeds", "shift_check", "make_module_callable"]
 
 
 def _split_kwargs(cls, kwargs: dict) -> dict:
@@ -86,6 +87,107 @@ def report(runs, *, format: str = "table", figure: str | Path | None = None) -> 
     return compare_runs(runs, format=format, figure=figure)
 
 
+def export(run_dir: str | Path, *, out: str | Path | None = None, format: str = "torchscript",
+           weights: str | None = None, cache: str | Path | None = None, data_root: str | Path | None = None,
+           atol: float = 1e-4):
+    """Export a finished run as one torch module (cut backbone + linear head), checked before it is written.
+
+    format "torchscript" or "state-dict"; out None = RUN_DIR/model.pt. weights: the file a head run's cache
+    was extracted from, when it was a file. Returns an ExportResult (path, max_abs_diff, ...).
+    """
+    from featcache.export import export as _export
+
+    return _export(run_dir, out=out, format=format, weights=weights, cache=cache, data_root=data_root,
+                   atol=atol, log=lambda _: None)
+
+
+def load_model(path: str | Path):
+    """A model written by `featcache export`: images (N, 3, S, S) -> logits, with .class_names and .transform."""
+    from featcache.export import load_model as _load
+
+    return _load(path)
+
+
+def predict(model, images, *, batch_size: int = 64, num_workers: int = -1, device: str = "cpu",
+            weights: str | None = None, progress: bool = False):
+    """Classify image files/folders with an exported model (module, file or run directory).
+
+    Returns Predictions: .rows (path, predicted class, probability per class), .failed (path, reason)
+    of unreadable images, .class_names, .logits. Use num_workers=0 in a process that has loaded JAX.
+    """
+    from featcache.predict import predict as _predict
+
+    return _predict(model, images, batch_size=batch_size, num_workers=num_workers, device=device,
+                    weights=weights, progress=progress)
+
+
+def train_grid(*, cache: str | Path, lrs, weight_decays=(0.0,), seeds=1, run_name: str | None = None,
+               progress: bool = False, **options):
+    """Train every (lr, weight decay, seed) head on a cache as ONE vmapped program and select on val.
+
+    seeds: a count K (seeds seed, seed+1, ..., from options["seed"], default 0) or a list of seeds.
+    Options are the other TrainConfig fields. Returns the RunResult of the selected (lr, wd) with the
+    first seed; extra["grid"] holds every cell (mean ± 95 % CI over seeds), extra["seed_stats"] the
+    selected cell's intervals.
+    """
+    from featcache.config import TrainConfig
+    from featcache.sweep import train_grid as _train_grid
+
+    config = TrainConfig(**_split_kwargs(TrainConfig, options))
+    _reject_unknown(options)
+    seed_list = range(config.seed, config.seed + seeds) if isinstance(seeds, int) else list(seeds)
+    return _train_grid(cache=cache, config=config, lrs=list(lrs), weight_decays=list(weight_decays),
+                       seeds=seed_list, run_name=run_name, progress=progress)
+
+
+def train_ridge(*, cache: str | Path, l2s=None, run_name: str | None = None, progress: bool = False, **options):
+    """Closed-form ridge head on a cache over the L2 strengths l2s (None: 2^-10 ... 2^20), λ selected on val.
+
+    Options: standardize, runs_dir (TrainConfig fields). Returns a RunResult (mode "head",
+    extra["solver"] = "ridge", extra["ridge"] = the whole path).
+    """
+    from featcache.config import TrainConfig
+    from featcache.ridge import DEFAULT_L2S, train_ridge as _train_ridge
+
+    config = TrainConfig(**_split_kwargs(TrainConfig, options))
+    _reject_unknown(options)
+    return _train_ridge(cache=cache, config=config, l2s=DEFAULT_L2S if l2s is None else l2s, run_name=run_name,
+                        progress=progress)
+
+
+def finetune_seeds(*, model: str, data: str | Path, seeds: int, progress: bool = False, **options) -> list:
+    """`finetune` with seeds seed, seed+1, ..., seed+K-1 in turn (one run each); returns their RunResults.
+
+    report(runs) then shows their mean ± 95 % CI; featcache.metrics.mean_interval computes it.
+    """
+    import dataclasses
+
+    from featcache.config import FinetuneConfig, TrainConfig
+    from featcache.finetune import finetune as _finetune
+
+    data_config = _data_config(data, options)
+    train = TrainConfig(**_split_kwargs(TrainConfig, options))
+    config = FinetuneConfig(model=model, data=data_config, **_split_kwargs(FinetuneConfig, options))
+    _reject_unknown(options)
+    return [_finetune(config, dataclasses.replace(train, seed=seed), progress=progress, log=lambda _: None)
+            for seed in range(train.seed, train.seed + seeds)]
+
+
+def shift_check(*, cache: str | Path | None = None, between=None, split: str = "all", **options):
+    """Shift check on cached features: cache's test vs train, or between=(A.h5, B.h5) (B vs A).
+
+    Options: folds, permutations, seed, l2_scale, top, neighbours, max_rows (featcache.shift.check_shift).
+    Returns a ShiftReport (.auc, .p_value, .classes, .foreign, .verdict(), .to_dict()).
+    """
+    from featcache.shift import check_between, check_cache
+
+    if (cache is None) == (between is None):
+        raise TypeError("give cache= or between=(A, B)")
+    if cache is not None:
+        return check_cache(cache, **options)
+    return check_between(*between, split=split, **options)
+
+
 def _reject_unknown(options: dict) -> None:
     if options:
         raise TypeError(f"unknown option(s): {', '.join(sorted(options))}")
@@ -94,9 +196,10 @@ def _reject_unknown(options: dict) -> None:
 def make_module_callable(module: types.ModuleType, function: Callable) -> None:
     """Make `module(...)` call `function(...)`.
 
-    featcache.extract, featcache.finetune and featcache.report are both submodules (DESIGN.md's
-    layout) and API functions; importing a submodule sets the package attribute to the module,
-    so the module itself must be callable for `featcache.extract(...)` to work in any import order.
+    featcache.extract, featcache.finetune, featcache.report, featcache.export and featcache.predict
+    are both submodules (DESIGN.md's layout) and API functions; importing a submodule sets the
+    package attribute to the module, so the module itself must be callable for `featcache.extract(...)`
+    to work in any import order.
     """
     class CallableModule(types.ModuleType):
         def __call__(self, *args, **kwargs):

@@ -78,3 +78,49 @@ def plot_comparison(runs: Sequence["RunResult"], path: str | Path, title: str = 
     fig.suptitle(title)
     _save(fig, path)
     return Path(path)
+
+
+def plot_seed_curves(histories: Sequence[Sequence[EpochRecord]], path: str | Path, title: str) -> Path:
+    """curves.png of one setting trained with several seeds: mean per epoch, shaded min-max over the seeds.
+
+    Args:
+        histories: one history per seed, all of the same length.
+        path: the PNG to write.
+        title: figure title.
+    """
+    import numpy as np
+
+    epochs = [r.epoch for r in histories[0]]
+    fig, (ax_acc, ax_loss) = _figure(2)
+    for ax, key, name in ((ax_acc, "acc", "Accuracy"), (ax_loss, "loss", "Loss")):
+        for split, marker in (("train", "o-"), ("val", "s-")):
+            values = np.array([[getattr(r, f"{split}_{key}") for r in h] for h in histories], dtype=float)  # (R, E)
+            line, = ax.plot(epochs, values.mean(axis=0), marker, ms=3, label=f"{split} {key} (mean)")
+            if len(histories) > 1:
+                ax.fill_between(epochs, values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.2,
+                                label=f"{split} {key} (min-max, {len(histories)} seeds)")
+        ax.set_title(f"{name} evolution")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name.lower())
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle(title)
+    _save(fig, path)
+    return Path(path)
+
+
+def plot_ridge_path(l2s, train_acc, val_acc, path: str | Path, title: str, *, selected: int | None = None) -> Path:
+    """curves.png of a ridge head: train and val accuracy against the L2 strength (log axis)."""
+    fig, ax = _figure(1, width=6.5)
+    ax.semilogx(l2s, train_acc, "o-", ms=3, label="train acc")
+    ax.semilogx(l2s, val_acc, "s-", ms=3, label="val acc")
+    if selected is not None:
+        ax.axvline(l2s[selected], color="grey", ls=":", lw=1, label="selected l2")
+    ax.set_title("Accuracy against the L2 strength")
+    ax.set_xlabel("l2 (ridge strength)")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.suptitle(title)
+    _save(fig, path)
+    return Path(path)

@@ -44,6 +44,8 @@ def run_row(run) -> dict:
     row = {"model": run.model, "mode": mode, "train_loss": s.train_loss, "train_acc": s.train_acc,
            "best_val_loss": s.best_val_loss, "best_val_acc": s.best_val_acc, "test_acc": s.test_acc,
            "training_time": s.training_time}
+    if run.extra.get("solver") == "ridge":  # closed form: no loss of a likelihood, no epochs
+        row.update(train_loss=None, best_val_loss=None)
     row["selected_epoch"] = s.selected_epoch
     row["diverged"] = s.diverged
     row["run_dir"] = str(run.run_dir)
@@ -59,8 +61,12 @@ def print_summary(run) -> None:
     console.print(_rich_table([row], title=f"{run.model} — {run.mode}", headers=HEADERS))
     s = run.summary
     auc = f", ROC-AUC {s.roc_auc:.4f}" if s.roc_auc is not None else ""
-    console.print(f"selected epoch {s.selected_epoch}/{s.epochs} (best val acc, ties to lower val loss); "
-                  f"test loss {s.test_loss:.4f}, balanced acc {s.balanced_accuracy:.4f}{auc}")
+    if "ridge" in run.extra:
+        console.print(f"selected l2 {run.extra['ridge']['selected_l2']:g} (best val acc, ties to lower val MSE); "
+                      f"balanced acc {s.balanced_accuracy:.4f}{auc}")
+    else:
+        console.print(f"selected epoch {s.selected_epoch}/{s.epochs} (best val acc, ties to lower val loss); "
+                      f"test loss {s.test_loss:.4f}, balanced acc {s.balanced_accuracy:.4f}{auc}")
     if s.diverged:
         console.print("[bold red]diverged[/]: the run stopped early; see metrics.json")
     for table in _extra_tables(run):
@@ -174,7 +180,7 @@ def interval_rows(runs) -> list[dict]:
 def _grid_table(run):
     grid = run.extra["grid"]
     sel = grid["selected"]
-    rows = [{"lr": c["lr"], "weight decay": c["weight_decay"], "best val acc": format_interval(c["val_acc"]),
+    rows = [{"lr": f"{c['lr']:g}", "weight decay": f"{c['weight_decay']:g}", "best val acc": format_interval(c["val_acc"]),
              "test acc": format_interval(c["test_acc"]),
              "selected": "◀ selected" if (c["lr"], c["weight_decay"]) == (sel["lr"], sel["weight_decay"]) else ""}
             for c in grid["cells"]]
