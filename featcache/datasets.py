@@ -34,10 +34,12 @@ Conversion rule of ``load_image`` (every image becomes 8-bit RGB):
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
-import struct
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,9 +55,6 @@ SPLITS = ("train", "val", "test")
 
 _MODES_16BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
 _MODES_ALPHA = {"RGBA", "LA", "PA", "RGBa", "La"}
-# What PIL raises on a missing, corrupt, truncated or oversized file.
-_PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error,
-               Image.DecompressionBombError)
 
 
 class ImageLoadError(UserError):
@@ -197,14 +196,26 @@ def scan_dataset(root: str | Path, *, val_fraction: float = 0.15, test_fraction:
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Open an image as 8-bit RGB by the conversion rule of this module's docstring."""
+    """Open an image as 8-bit RGB by the conversion rule of this module's docstring.
+
+    Raises ImageLoadError for a missing, corrupt, truncated or unidentifiable file, and for one
+    over PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``; refused, not decoded).
+    """
     try:
-        with Image.open(path) as opened:
-            opened.load()
-            image = ImageOps.exif_transpose(opened)
-    except _PIL_ERRORS as exc:
+        with warnings.catch_warnings():
+            # PIL only warns between MAX_IMAGE_PIXELS and twice that, and then decodes: refuse instead.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                opened.load()
+                image = ImageOps.exif_transpose(opened)
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - PIL's decoders raise almost anything on a malformed file
         raise ImageLoadError(path, _reason(exc)) from exc
-    return _to_rgb(image)
+    try:
+        return _to_rgb(image)
+    except (ValueError, OSError) as exc:  # a mode PIL cannot convert
+        raise ImageLoadError(path, f"cannot convert mode {image.mode} to RGB ({_reason(exc)})") from exc
 
 
 class ImageDataset:
@@ -226,6 +237,46 @@ class ImageDataset:
     def __getitem__(self, i: int) -> tuple:
         sample = self.samples[i]
         return self.transform(load_image(self.root / sample.path)), sample.label, i
+
+
+class SkipUnreadable:
+    """Wraps a map-style dataset: item i -> (item, i, "") or (None, i, reason) when its image is unreadable.
+
+    The one skip rule of extract, finetune and predict: an image is skipped exactly when `load_image`
+    raises ImageLoadError. Collate batches with `collate_readable`. A DataLoader worker cannot pass
+    ImageLoadError itself to the main process (torch rebuilds a worker's exception from its message
+    alone), so the worker returns the reason and the main process decides: skip or, --strict, stop.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple:
+        try:
+            return self.dataset[i], i, ""
+        except ImageLoadError as exc:
+            return None, i, exc.reason
+
+
+def collate_readable(items: Sequence[tuple]) -> tuple:
+    """Batch SkipUnreadable items: (default-collated readable items or None if none, their indices, [(index, reason)])."""
+    from torch.utils.data import default_collate
+
+    good = [(item, i) for item, i, _ in items if item is not None]
+    batch = default_collate([item for item, _ in good]) if good else None
+    return batch, [i for _, i in good], [(i, reason) for item, i, reason in items if item is None]
+
+
+def failures_csv(failures: Sequence[tuple[str, str, str]]) -> str:
+    """The text of failures.csv: a header and one (split, path, reason) row per skipped image."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["split", "path", "reason"])
+    writer.writerows(failures)
+    return buf.getvalue()
 
 
 def _class_folders(split_dir: Path) -> list[str]:
@@ -314,7 +365,7 @@ def _reason(exc: BaseException) -> str:
     """A short reason for an image that failed to load."""
     if isinstance(exc, FileNotFoundError):
         return "file not found"
-    if isinstance(exc, Image.DecompressionBombError):
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         return "too many pixels, refused as a possible decompression bomb"
     if isinstance(exc, Image.UnidentifiedImageError):
         return "not a recognised image format"

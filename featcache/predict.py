@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from featcache import metrics
-from featcache.datasets import IMAGE_EXTENSIONS, ImageLoadError, load_image
+from featcache.datasets import IMAGE_EXTENSIONS, ImageDataset, Sample, SkipUnreadable, collate_readable
 from featcache.errors import UserError
 from featcache.progress import progress_bar
 
@@ -85,18 +85,20 @@ def predict(model: nn.Module | str | Path, images: str | Path | Sequence[str | P
         from featcache.extract import default_num_workers
 
         num_workers = default_num_workers()
+    # Path() / path is the path as given (absolute or relative to the working directory).
+    images_dataset = ImageDataset(Path(), [Sample(p, -1) for p in paths], module.transform)
     loader = torch.utils.data.DataLoader(
-        _ImageFiles(paths, module.transform), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-        collate_fn=_collate_readable, pin_memory=torch_device.type == "cuda")
+        SkipUnreadable(images_dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        collate_fn=collate_readable, pin_memory=torch_device.type == "cuda")
     num_classes = len(module.class_names)
     logits, kept, failed = [], [], []
     with progress_bar(progress) as bar:
         task = bar.add_task("predict", total=len(paths), info="") if bar else None
         for batch, index, failures in loader:
             failed += [(paths[i], reason) for i, reason in failures]
-            if len(index):
+            if batch is not None:
                 with torch.inference_mode():
-                    logits.append(module(batch.to(torch_device, non_blocking=True)).float().cpu().numpy())
+                    logits.append(module(batch[0].to(torch_device, non_blocking=True)).float().cpu().numpy())
                 kept += index
             if bar:
                 bar.update(task, advance=len(index) + len(failures), info=f"{len(failed)} unreadable")
@@ -144,30 +146,6 @@ def collect_images(items: Sequence[str | Path]) -> list[str]:
         raise UserError(f"No images found in {shown} ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
                         "pass image files or folders of images.")
     return paths
-
-
-class _ImageFiles:
-    """Map-style dataset: i -> (transformed image or None, i, reason); a worker never raises on a bad file."""
-
-    def __init__(self, paths: Sequence[str], transform):
-        self.paths = list(paths)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        try:
-            return self.transform(load_image(self.paths[i])), i, ""
-        except ImageLoadError as exc:
-            return None, i, exc.reason
-
-
-def _collate_readable(items):
-    """(images (B', 3, S, S) of the readable items, their indices, [(index, reason)] of the others)."""
-    good = [(image, i) for image, i, _ in items if image is not None]
-    images = torch.stack([image for image, _ in good]) if good else torch.zeros(0)
-    return images, [i for _, i in good], [(i, reason) for image, i, reason in items if image is None]
 
 
 # `featcache.predict(...)` is the Python API function of the same name (see featcache.api).

@@ -40,19 +40,6 @@ N = {"train": 16, "val": 8, "test": 8}  # demo n_per_class=(8, 4, 4), two classe
 CLI_ARGS = ["--model", "resnet18", "--weights", "none", "--image-size", "32", "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread(monkeypatch):
-    """One intra-op thread here and in subprocesses: on a shared 2-core machine two OpenMP threads that
-    lose their core to another process make a tiny forward pass 10x slower, and the tests only need values."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def data(tmp_path) -> Path:
     return make_demo_dataset(tmp_path / "d", n_per_class=(8, 4, 4), image_size=32)

@@ -58,17 +58,6 @@ def _only_run_dir(runs_dir: Path) -> Path:
 # ---------------------------------------------------------------- shared data, caches and runs
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One torch thread here and in the subprocesses (ONE_THREAD): the CPU cores of a test machine are
-    often shared, where two spinning OpenMP threads run several times slower than one; and a run is
-    only bit-identical to another with the same thread count (the resume test compares processes)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("finetune")
