@@ -14,11 +14,23 @@ A cache is written to `<final>.partial` and renamed into place only when every r
 a reader never sees a partial file under a final name. Datasets are allocated in full when the
 partial file is created and never change shape afterwards: a write only touches raw data, which
 is what lets a file survive SIGKILL at any moment and be resumed.
+
+An image that cannot be decoded is never stored: the partial file has one more dataset,
+`/<split>/failed` (N,) bool, set (before `done`) for such rows. At `finish()` a file without
+failed rows is renamed as it is (`failed` deleted first); otherwise it is copied without them
+into `<final>.compact.partial`, which is renamed into place. The attribute `skipped` (json) lists
+(split, path, reason) of the rows left out.
+
+Several processes (featcache.distributed) write one shard each, `<final>.shard-R-of-N-bB.partial`:
+a small cache of their batches of the one-process batch grid (shard_batches), written by a
+CacheWriter; merge_shards copies them into the cache file through a CacheWriter, so the result
+is the file one process writes.
 """
 
 from __future__ import annotations
 
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -32,7 +44,7 @@ from typing import Iterator, Mapping, Sequence
 import h5py
 import numpy as np
 
-from featcache.errors import CacheError, LockedError
+from featcache.errors import CacheError, LockedError, NoSpaceError, out_of_space
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -43,8 +55,10 @@ REQUIRED_ATTRS = (
     "class_names", "dataset_root", "dataset_name", "dataset_fingerprint", "split_rule", "dtype",
     "versions", "created", "complete",
 )
-_JSON_ATTRS = ("transform", "class_names", "split_rule", "versions")
+_JSON_ATTRS = ("transform", "class_names", "split_rule", "versions", "skipped")
 _ROWS_PER_CHUNK = 256  # HDF5 chunk height; writes are committed per batch
+_COPY_ROWS = 8192  # rows per block when a finished file is copied without its failed rows
+LOCK_GRACE_S = 1.0  # a held lock is retried this long before it counts as held (a killed run's workers let go)
 
 
 def cache_key(
@@ -87,6 +101,11 @@ def lock_path(final: Path) -> Path:
     return final.with_name(final.name + LOCK_SUFFIX)
 
 
+def failures_path(final: Path) -> Path:
+    """`<cache stem>.failures.csv` beside the cache: the images extraction could not read (split, path, reason)."""
+    return final.with_name(final.stem + ".failures.csv")
+
+
 # --------------------------------------------------------------------------- lock
 
 
@@ -97,9 +116,7 @@ def write_lock(final: Path, *, wait: bool = False) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _flock_within(fd, LOCK_GRACE_S):
             holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
             if not wait:
                 raise LockedError(
@@ -112,6 +129,56 @@ def write_lock(final: Path, *, wait: bool = False) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing drops the flock; the file stays (unlinking would race a waiter)
+
+
+def _flock_within(fd: int, seconds: float) -> bool:
+    """Take the exclusive flock, retrying for `seconds` (a probe by lock_holder holds it for a moment)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+
+def lock_holder(final: Path) -> str | None:
+    """Who writes `final` now ("pid N on HOST since T"), or None when no process holds its lock.
+
+    Retries for LOCK_GRACE_S, as a writer does: the decode workers of a writer killed a moment ago
+    still hold its lock until they die with it.
+    """
+    try:
+        fd = os.open(lock_path(Path(final)), os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    deadline = time.monotonic() + LOCK_GRACE_S
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released at once (close); writers retry meanwhile
+                return None
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+                time.sleep(0.05)
+    finally:
+        os.close(fd)
+
+
+def missing_cache_error(final: Path) -> CacheError | LockedError:
+    """Why the cache `final` is not there: being extracted now (LockedError), interrupted, or never extracted."""
+    final = Path(final)
+    holder = lock_holder(final)
+    if holder is not None:
+        return LockedError(f"{final} is still being extracted by {holder}; wait for featcache extract to "
+                           "finish (or run it with --wait) and try again.")
+    if partial_path(final).exists():
+        return CacheError(f"Cache file {final} does not exist yet: its extraction was interrupted "
+                          f"({partial_path(final).name} is kept); run the same featcache extract again to resume it.")
+    return CacheError(f"Cache file {final} does not exist; run featcache extract to create it.")
 
 
 def _now() -> str:
@@ -147,8 +214,10 @@ class CacheWriter:
         if self.partial.exists():
             try:
                 f = h5py.File(self.partial, "r+", locking=False)  # our flock guards writers
+                # `failed` is deleted just before the final rename: a file killed there has every row done
                 ok = f.attrs.get("key") == meta["key"] and all(
                     s in f and f[s]["features"].shape == (len(rows.labels), feature_dim)
+                    and ("failed" in f[s] or bool(f[s]["done"][...].all()))
                     for s, rows in splits.items()
                 )
             except Exception:  # unreadable partial file: start over
@@ -161,6 +230,20 @@ class CacheWriter:
             self.partial.unlink()
         self.partial.parent.mkdir(parents=True, exist_ok=True)
         f = h5py.File(self.partial, "w", track_order=True, locking=False)
+        try:
+            self._allocate(f, meta=meta, feature_dim=feature_dim, dtype=dtype, splits=splits)
+        except Exception as exc:
+            _close_quietly(f)
+            self.partial.unlink(missing_ok=True)  # nothing in it yet; give the space back
+            reason = out_of_space(exc)
+            if reason:
+                raise NoSpaceError(self.partial, reason, f"free space in {self.partial.parent} and run the same "
+                                   "command again (the partial file was removed).") from None
+            raise
+        return f
+
+    @staticmethod
+    def _allocate(f: h5py.File, *, meta, feature_dim, dtype, splits) -> None:
         for name, value in meta.items():
             f.attrs[name] = json.dumps(value) if name in _JSON_ATTRS else value
         f.attrs["format_version"] = FORMAT_VERSION
@@ -174,9 +257,9 @@ class CacheWriter:
                               chunk_rows=min(_ROWS_PER_CHUNK, max(n, 1)))
             g.create_dataset("labels", data=np.asarray(rows.labels, dtype=np.int64))
             g.create_dataset("paths", data=list(rows.paths), dtype=h5py.string_dtype("utf-8"))
+            _create_allocated(g, "failed", (n,), np.dtype(bool), chunk_rows=None)
             _create_allocated(g, "done", (n,), np.dtype(bool), chunk_rows=None)
         f.flush()
-        return f
 
     def pending(self, split: str, batch_size: int) -> list[tuple[int, int]]:
         """Row ranges [start, stop) of `split` not yet committed, on the batch grid from row 0."""
@@ -185,30 +268,118 @@ class CacheWriter:
         return [(a, min(a + batch_size, n)) for a in range(0, n, batch_size)
                 if not done[a:min(a + batch_size, n)].all()]
 
-    def write(self, split: str, start: int, features: np.ndarray) -> None:
-        """Commit rows [start, start+len(features)): the features first, then their done flags."""
-        g = self._file[split]
-        stop = start + len(features)
-        g["features"][start:stop] = features
-        self._file.flush()
-        g["done"][start:stop] = True
-        self._file.flush()
+    def write(self, split: str, start: int, features: np.ndarray, *, failed: Sequence[int] = ()) -> None:
+        """Commit rows [start, stop), stop = start + len(features) + len(failed): the features first, then the
+        failed flags, then the done flags.
 
-    def finish(self) -> Path:
-        """Check every row is done, mark complete, and rename the file into place."""
+        `failed` lists the rows (absolute, in [start, stop)) whose image could not be read; `features`
+        (B, D) holds the other rows in order. Failed rows get no features: finish() leaves them out.
+        """
+        g = self._file[split]
+        stop = start + len(features) + len(failed)
+        bad = np.zeros(stop - start, dtype=bool)
+        bad[np.asarray(failed, dtype=np.int64) - start] = True
+        try:
+            if not bad.any():
+                g["features"][start:stop] = features
+            else:
+                good = np.flatnonzero(~bad)
+                # one write per run of consecutive readable rows
+                for run in np.split(good, np.flatnonzero(np.diff(good) != 1) + 1) if len(good) else []:
+                    first = int(np.searchsorted(good, run[0]))
+                    g["features"][start + run[0]:start + run[-1] + 1] = features[first:first + len(run)]
+                self._file.flush()
+                g["failed"][start:stop] = bad
+            self._file.flush()
+            g["done"][start:stop] = True
+            self._file.flush()
+        except Exception as exc:
+            reason = out_of_space(exc)
+            if reason:
+                raise NoSpaceError(self.partial, reason, f"free space in {self.partial.parent} and run the same "
+                                   "command again: it resumes from the rows already written.") from None
+            raise
+
+    def failed_rows(self, split: str) -> np.ndarray:
+        """(F,) int64: the rows of `split` committed as unreadable (this run or an earlier one)."""
+        g = self._file[split]
+        return np.flatnonzero(g["failed"][...]) if "failed" in g else np.zeros(0, dtype=np.int64)
+
+    def finish(self, *, skipped: Sequence[tuple[str, str, str]] = ()) -> Path:
+        """Check every row is done, mark complete, and put the file in place without its failed rows.
+
+        Args:
+            skipped: (split, path, reason) of every failed row, stored in the attribute `skipped`.
+        """
+        n_failed = 0
         for split in self._file:
             if not self._file[split]["done"][...].all():
                 raise RuntimeError(f"finish() with rows of {split} not written")
-        self._file.attrs["complete"] = True
-        self._file.attrs["created"] = _now()
-        self._file.close()
-        os.replace(self.partial, self.final)
+            n_failed += len(self.failed_rows(split))
+        if n_failed != len(skipped):
+            raise RuntimeError(f"finish() with {n_failed} failed rows but {len(skipped)} reasons")
+        if n_failed:
+            compact = self._copy_without_failed(skipped)
+            self._file.close()
+            os.replace(compact, self.final)
+            self.partial.unlink()
+        else:
+            for split in self._file:
+                if "failed" in self._file[split]:
+                    del self._file[split]["failed"]
+            self._file.attrs["skipped"] = "[]"
+            self._file.attrs["complete"] = True
+            self._file.attrs["created"] = _now()
+            self._file.close()
+            os.replace(self.partial, self.final)
         _fsync_dir(self.final.parent)
         return self.final
 
+    def _copy_without_failed(self, skipped: Sequence[tuple[str, str, str]]) -> Path:
+        """Write `<final>.compact.partial`: the partial file's attributes and its readable rows only."""
+        src = self._file
+        out = self.final.with_name(self.final.name + ".compact" + PARTIAL_SUFFIX)
+        try:
+            with h5py.File(out, "w", track_order=True, locking=False) as dst:
+                for name, value in src.attrs.items():
+                    dst.attrs[name] = value
+                dst.attrs["skipped"] = json.dumps([list(row) for row in skipped])
+                dst.attrs["created"] = _now()
+                for split in src:
+                    g = src[split]
+                    keep = np.flatnonzero(~g["failed"][...])  # (N',)
+                    n, dim = len(keep), g["features"].shape[1]
+                    h = dst.create_group(split)
+                    _create_allocated(h, "features", (n, dim), g["features"].dtype,
+                                      chunk_rows=min(_ROWS_PER_CHUNK, max(n, 1)))
+                    for a in range(0, n, _COPY_ROWS):
+                        rows = keep[a:a + _COPY_ROWS]
+                        block = g["features"][int(rows[0]):int(rows[-1]) + 1]  # contiguous read, then select
+                        h["features"][a:a + len(rows)] = block[rows - rows[0]]
+                    h.create_dataset("labels", data=g["labels"][...][keep])
+                    h.create_dataset("paths", data=g["paths"][...][keep], dtype=h5py.string_dtype("utf-8"))
+                    h.create_dataset("done", data=np.ones(n, dtype=bool))
+                dst.attrs["complete"] = True
+        except BaseException as exc:
+            out.unlink(missing_ok=True)
+            reason = out_of_space(exc)
+            if reason:
+                raise NoSpaceError(out, reason, f"free space in {out.parent} and run the same command again: "
+                                   "every row is already computed.") from None
+            raise
+        return out
+
     def close(self) -> None:
         if self._file.id.valid:
-            self._file.close()
+            _close_quietly(self._file)
+
+
+def _close_quietly(f: h5py.File) -> None:
+    """Close an h5py file whose last write may have failed (a full disk fails the close as well)."""
+    try:
+        f.close()
+    except Exception:  # noqa: BLE001 - the write's own error is the one to report
+        pass
 
 
 def _create_allocated(group: h5py.Group, name: str, shape: tuple, dtype: np.dtype, *,
@@ -230,6 +401,183 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# --------------------------------------------------------------------------- shards (several processes)
+#
+# Under torchrun every process writes one shard: the batches of the one-process batch grid that
+# shard_batches gives it, as a small cache file of its own (a CacheWriter over just those rows, so a
+# shard is crash-safe and resumable exactly as a one-process cache is). When every shard is complete,
+# one process copies them into the cache file (merge_shards): the rows, in the order, of one process.
+
+
+def shard_batches(sizes: Mapping[str, int], batch_size: int, *, rank: int,
+                  world_size: int) -> dict[str, list[tuple[int, int]]]:
+    """Row ranges [start, stop) of each split that process `rank` of `world_size` extracts.
+
+    The grid is the one-process grid (each split cut from row 0 into batches of batch_size rows),
+    so every batch holds the images it holds in one process; its batches, numbered across the splits
+    in order, go round-robin: batch b to rank b % world_size.
+    """
+    out: dict[str, list[tuple[int, int]]] = {}
+    b = 0
+    for split, n in sizes.items():
+        out[split] = []
+        for start in range(0, n, batch_size):
+            if b % world_size == rank:
+                out[split].append((start, min(start + batch_size, n)))
+            b += 1
+    return out
+
+
+def shard_path(final: Path, *, rank: int, world_size: int, batch_size: int) -> Path:
+    """`<final>.shard-<rank>-of-<world_size>-b<batch_size>.partial`: a complete shard (never a cache)."""
+    return final.with_name(f"{final.name}.shard-{rank}-of-{world_size}-b{batch_size}{PARTIAL_SUFFIX}")
+
+
+def shard_files(final: Path) -> list[Path]:
+    """Every shard file of `final` on disk: complete or being written, of any number of processes."""
+    return sorted(final.parent.glob(f"{glob.escape(final.name)}.shard-*{PARTIAL_SUFFIX}"))
+
+
+class ShardWriter:
+    """One process's shard, with CacheWriter's interface in rows of the whole split.
+
+    `pending`, `write` and `failed_rows` speak of split rows as CacheWriter's do; the file holds only
+    this shard's rows (its batches in order, so the shard's own batch grid is the same batches).
+    `finish()` puts the complete shard at `path`; merge_shards copies the shards into the cache.
+    """
+
+    def __init__(self, final: Path, *, rank: int, world_size: int, batch_size: int, meta: Mapping,
+                 feature_dim: int, dtype: str, splits: Mapping[str, SplitRows]):
+        self.final = final
+        self.path = shard_path(final, rank=rank, world_size=world_size, batch_size=batch_size)
+        self.batch_size = batch_size
+        self.batches = shard_batches({s: len(r.labels) for s, r in splits.items()}, batch_size,
+                                     rank=rank, world_size=world_size)
+        self._splits = splits
+        self._batch_number = {s: {a: k for k, (a, _) in enumerate(spans)} for s, spans in self.batches.items()}
+        # (M,) int64 per split: shard row -> split row
+        self._rows = {s: np.array([i for a, b in spans for i in range(a, b)], dtype=np.int64)
+                      for s, spans in self.batches.items()}
+        self._writer: CacheWriter | None = None
+        if _is_complete_shard(self.path, meta["key"]):
+            self.partial = self.path
+            self.resumed_rows = sum(len(rows) for rows in self._rows.values())
+            return
+        self.path.unlink(missing_ok=True)  # of another cache or unreadable: start over
+        own = {s: SplitRows(labels=np.asarray(splits[s].labels, dtype=np.int64)[rows],
+                            paths=[splits[s].paths[i] for i in rows]) for s, rows in self._rows.items()}
+        self._writer = CacheWriter(self.path, meta=meta, feature_dim=feature_dim, dtype=dtype, splits=own)
+        self.partial = self._writer.partial
+        self.resumed_rows = self._writer.resumed_rows
+
+    def pending(self, split: str, batch_size: int) -> list[tuple[int, int]]:
+        """This shard's batches [start, stop) of `split` (split rows) not yet committed."""
+        if batch_size != self.batch_size:
+            raise ValueError(f"shard of batch size {self.batch_size} asked for batches of {batch_size}")
+        if self._writer is None:
+            return []
+        return [self.batches[split][a // batch_size] for a, _ in self._writer.pending(split, batch_size)]
+
+    def write(self, split: str, start: int, features: np.ndarray, *, failed: Sequence[int] = ()) -> None:
+        """Commit the batch starting at split row `start` (as CacheWriter.write; `failed` in split rows)."""
+        local = self._batch_number[split][start] * self.batch_size
+        self._writer.write(split, local, features, failed=[local + int(r) - start for r in failed])
+
+    def failed_rows(self, split: str) -> np.ndarray:
+        """(F,) int64 split rows of this shard committed as unreadable."""
+        if self._writer is not None:
+            return self._rows[split][self._writer.failed_rows(split)]
+        row_of = {p: i for i, p in enumerate(self._splits[split].paths)}
+        with h5py.File(self.path, "r", locking=False) as f:
+            skipped = _decode_attrs(f.attrs).get("skipped") or []
+        return np.array(sorted(row_of[p] for s, p, _ in skipped if s == split), dtype=np.int64)
+
+    def finish(self, *, skipped: Sequence[tuple[str, str, str]] = ()) -> Path:
+        """Put the complete shard at `path` (a no-op for a shard completed by an earlier run)."""
+        if self._writer is not None:
+            self._writer.finish(skipped=skipped)
+            self._writer = None
+        return self.path
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def _is_complete_shard(path: Path, key: str) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            return bool(f.attrs.get("complete", False)) and f.attrs.get("key") == key
+    except Exception:  # noqa: BLE001 - unreadable: not complete
+        return False
+
+
+def shards_skipped(shards: Sequence[Path], splits: Mapping[str, SplitRows]) -> list[tuple[str, str, str]]:
+    """(split, path, reason) of every image the shards could not read, in one process's order (split, row)."""
+    order = {s: i for i, s in enumerate(splits)}
+    row_of = {s: {p: i for i, p in enumerate(r.paths)} for s, r in splits.items()}
+    out = []
+    for shard in shards:
+        with h5py.File(shard, "r", locking=False) as f:
+            out += [(s, p, reason) for s, p, reason in _decode_attrs(f.attrs).get("skipped") or []]
+    return sorted(out, key=lambda x: (order[x[0]], row_of[x[0]][x[1]]))
+
+
+def merge_shards(final: Path, *, shards: Sequence[Path], meta: Mapping, feature_dim: int, dtype: str,
+                 splits: Mapping[str, SplitRows], skipped: Sequence[tuple[str, str, str]]) -> Path:
+    """Copy complete shards into the cache `final`, check every row came from exactly one, put it in place.
+
+    The copy goes through a CacheWriter (the one-process layout, partial file and rename); the
+    shards are deleted once the cache is in place. `skipped` is shards_skipped(shards, splits).
+
+    Returns:
+        `final`.
+    """
+    partial_path(final).unlink(missing_ok=True)  # a killed merge's copy, or a one-process run's rows: redo
+    row_of = {s: {p: i for i, p in enumerate(r.paths)} for s, r in splits.items()}
+    covered = {s: np.zeros(len(r.labels), dtype=np.int64) for s, r in splits.items()}
+    writer = CacheWriter(final, meta=meta, feature_dim=feature_dim, dtype=dtype, splits=splits)
+    try:
+        for shard in shards:
+            with h5py.File(shard, "r", locking=False) as f:
+                if not f.attrs.get("complete", False) or f.attrs.get("key") != meta["key"]:
+                    raise RuntimeError(f"{shard.name} is not a complete shard of {final.name}")
+                shard_skipped = _decode_attrs(f.attrs).get("skipped") or []
+                for split in splits:
+                    g = f[split]
+                    kept = np.array([row_of[split][p.decode() if isinstance(p, bytes) else p]
+                                     for p in g["paths"][...]], dtype=np.int64)  # (M,) rows with features
+                    failed = np.array(sorted(row_of[split][p] for s, p, _ in shard_skipped if s == split),
+                                      dtype=np.int64)
+                    rows = np.sort(np.concatenate([kept, failed]))  # the rows of the shard's batches
+                    covered[split][rows] += 1
+                    for run in _runs(rows, _COPY_ROWS):  # a batch, or a block of consecutive batches
+                        a, b = int(run[0]), int(run[-1]) + 1
+                        k0, k1 = np.searchsorted(kept, [a, b])
+                        writer.write(split, a, g["features"][int(k0):int(k1)],
+                                     failed=failed[(failed >= a) & (failed < b)].tolist())
+        for split, counts in covered.items():
+            if not (counts == 1).all():
+                raise RuntimeError(f"the shards of {final.name} cover {int((counts == 0).sum())} rows of {split} "
+                                   f"never and {int((counts > 1).sum())} twice")
+        path = writer.finish(skipped=skipped)
+    finally:
+        writer.close()
+    for shard in shards:
+        shard.unlink()
+    return path
+
+
+def _runs(rows: np.ndarray, max_len: int) -> list[np.ndarray]:
+    """Sorted rows cut into runs of consecutive values, each at most max_len long."""
+    if not len(rows):
+        return []
+    runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1)
+    return [run[i:i + max_len] for run in runs for i in range(0, len(run), max_len)]
 
 
 # --------------------------------------------------------------------------- read
@@ -255,7 +603,7 @@ def open_cache(path: str | Path) -> Iterator[h5py.File]:
     if path.name.endswith(PARTIAL_SUFFIX):
         raise CacheError(f"{path} is an unfinished cache; run the same featcache extract again to finish it.")
     if not path.is_file():
-        raise CacheError(f"Cache file {path} does not exist; run featcache extract to create it.")
+        raise missing_cache_error(path)
     try:
         f = h5py.File(path, "r")
     except Exception:
@@ -299,9 +647,16 @@ def load_features(path: str | Path, split: str) -> tuple[np.ndarray, np.ndarray,
             ) from None
     if not done.all():
         raise CacheError(f"{path} is missing rows of {split}; delete it and run featcache extract again.")
-    if not np.isfinite(features).all():
-        raise CacheError(f"{path} holds non-finite features in {split}; delete it and run featcache extract again.")
+    bad_rows = _non_finite_rows(features)
+    if bad_rows:
+        raise CacheError(f"{path}: {bad_rows} of {len(features)} rows of {split} hold NaN or inf features; "
+                         "delete it and run featcache extract again.")
     return features, labels, meta
+
+
+def _non_finite_rows(features: np.ndarray) -> int:
+    """Rows of a (N, D) array with a NaN or inf."""
+    return int((~np.isfinite(features)).any(axis=1).sum()) if features.size else 0
 
 
 def load_paths(path: str | Path, split: str) -> list[str]:
@@ -344,8 +699,9 @@ def verify_cache(path: str | Path) -> list[str]:
                     problems.append(f"{split}: {int((~done).sum())} of {n} rows not written")
                 if n and (labels.min() < 0 or labels.max() >= n_classes):
                     problems.append(f"{split}: labels outside 0..{n_classes - 1}")
-                if not np.isfinite(features).all():
-                    problems.append(f"{split}: non-finite features")
+                bad_rows = _non_finite_rows(features)
+                if bad_rows:
+                    problems.append(f"{split}: {bad_rows} of {n} rows hold NaN or inf features")
     except CacheError as exc:
         return [str(exc)]
     return problems
@@ -364,7 +720,9 @@ def list_caches(cache_dir: str | Path) -> list[dict]:
             with h5py.File(p, "r", locking=False) as f:  # a writer holds the HDF5 lock of a partial
                 meta = _decode_attrs(f.attrs)
                 row.update(model=meta.get("model"), weights=meta.get("weights"), dtype=meta.get("dtype"),
-                           feature_dim=meta.get("feature_dim"), key=meta.get("key"))
+                           feature_dim=meta.get("feature_dim"), key=meta.get("key"),
+                           dataset_root=meta.get("dataset_root"), dataset_fingerprint=meta.get("dataset_fingerprint"),
+                           split_rule=meta.get("split_rule"))  # what extract.dataset_changed compares
                 for split in f:
                     done = f[split]["done"][...]
                     row["splits"][split] = {"n": int(len(done)), "done": int(done.sum())}

@@ -9,9 +9,13 @@ statistics never drift).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
+import signal
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -20,17 +24,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from featcache import metrics, plots, runs
+from featcache import distributed, metrics, plots, runs
 from featcache.backbones import (Backbone, build_backbone, make_finetune_net, make_train_transform, pick_device)
 from featcache.config import FinetuneConfig, TrainConfig
-from featcache.datasets import DatasetIndex, ImageDataset, resolve_data_root, scan_dataset
-from featcache.errors import UserError
+from featcache.datasets import (DatasetIndex, ImageDataset, SkipUnreadable, collate_readable, failures_csv,
+                                resolve_data_root, scan_dataset)
+from featcache.errors import NoSpaceError, TerminatedError, UserError
 from featcache.extract import library_versions
 from featcache.plan import TrainPlan, make_plan, num_outputs_for
 from featcache.progress import progress_bar
 
 Log = Callable[[str], None]
 CONFIG_FILE = "finetune.json"  # written first: what --resume needs to rebuild the run
+FAILURES_FILE = "failures.csv"  # (split, path, reason) of the images left out as unreadable
 LAST_CKPT = "last.pt"
 BEST_CKPT = "best.pt"
 
@@ -42,21 +48,27 @@ def finetune(config: FinetuneConfig, train: TrainConfig, *, resume: str | Path |
     Args:
         config: model, data, weights, augmentation, device, ...
         train: the training options shared with head-train (epochs, optimizer, lr, seed, ...).
-        resume: a run directory killed before it finished; training continues after its last
-            finished epoch with the configuration stored there (config/train are then ignored).
+        resume: a run directory stopped before it finished; training continues after its last
+            finished epoch. config/train must equal the settings stored there (devices, workers and
+            folders aside), and the dataset must be unchanged; otherwise a UserError names what differs.
         progress: show a progress bar per epoch.
         log: where one-line messages go.
 
     Returns:
         The finished run (also written to its run directory).
     """
+    stored_fingerprint = None
     if resume is not None:
         run_dir = Path(resume)
-        config, train = _load_run_config(run_dir)
+        stored, stored_train, stored_fingerprint = _load_run_config(run_dir)
+        _check_same_settings(run_dir, (stored, stored_train), (config, train))
+        config, train = stored, stored_train
         log(f"resuming {run_dir}")
     else:
         run_dir = None
     device = pick_device(config.device)
+    group = distributed.join(cuda=device.type == "cuda")  # Solo in one process; DDP under torchrun
+    device = group.device(device)
     if config.amp and device.type != "cuda":
         raise UserError("--amp is bf16 autocast on CUDA; add --device cuda or drop --amp.")
     if config.augment and config.freeze_backbone:
@@ -64,6 +76,13 @@ def finetune(config: FinetuneConfig, train: TrainConfig, *, resume: str | Path |
     root = resolve_data_root(config.data.root, cache_dir=config.cache_dir)
     index = scan_dataset(root, val_fraction=config.data.val_fraction,
                          test_fraction=config.data.test_fraction, seed=config.data.split_seed)
+    fingerprint = index.fingerprint()  # of every file, readable or not: what extract's cache key covers
+    if stored_fingerprint is not None and stored_fingerprint != fingerprint:
+        raise UserError(f"The dataset {root} changed since {run_dir} started (files added, removed or edited); "
+                        "resuming would mix two datasets: start a new run without --resume.")
+    index, skipped = _drop_unreadable(index, config)
+    group.require_same((fingerprint, len(index.splits.get("train") or ())), "The processes of this torchrun group "
+                       f"see different datasets (file lists, sizes or times differ); {distributed.SAME_DATA}")
     for split in ("train", "val", "test"):
         if not index.splits.get(split):
             raise UserError(f"The {split} split of {root} is empty; add images or change the split fractions.")
@@ -71,17 +90,97 @@ def finetune(config: FinetuneConfig, train: TrainConfig, *, resume: str | Path |
     num_classes = len(index.class_names)
     plan = make_plan(n_train=len(index.splits["train"]), feature_dim=backbone.spec.feature_dim,
                      num_outputs=num_outputs_for(num_classes), config=train)
+    distributed.check_batch_split(n_train=plan.n_train, batch_size=plan.batch_size, world_size=group.world_size)
     mode = "frozen" if config.freeze_backbone else "finetune"
+    if run_dir is None and (run_dir := group.restarted_run_dir(train.runs_dir, seed=train.seed)) is not None:
+        if group.from_main(lambda: runs.is_finished(run_dir)):
+            return group.from_main(lambda: runs.load_run(run_dir))
+        log(f"resuming {run_dir} (torchrun restarted the processes)")
     if run_dir is None:
-        run_dir = runs.new_run_dir(runs_dir=train.runs_dir, mode=mode, model=config.model)
-        runs.atomic_write_bytes(run_dir / CONFIG_FILE, json.dumps(
-            {"finetune": asdict(config), "train": asdict(train)}, indent=2).encode())
+        def start() -> Path:
+            new = runs.new_run_dir(runs_dir=train.runs_dir, mode=mode, model=config.model)
+            runs.atomic_write_bytes(new / CONFIG_FILE, json.dumps(
+                {"finetune": asdict(config), "train": asdict(train), "dataset_fingerprint": fingerprint},
+                indent=2).encode())
+            return new
+
+        run_dir = group.from_main(start)  # rank 0 writes the run directory
+        group.mark_run_dir(run_dir, seed=train.seed)
+    if skipped and group.is_main:
+        runs.atomic_write_bytes(run_dir / FAILURES_FILE, failures_csv(skipped).encode())
+        log(f"{len(skipped)} unreadable image{'s' if len(skipped) != 1 else ''} skipped, listed in "
+            f"{run_dir / FAILURES_FILE}")
     loop = _Loop(config=config, train=train, plan=plan, index=index, backbone=backbone,
-                 device=device, run_dir=run_dir, log=log)
+                 device=device, run_dir=run_dir, log=log, dataset_fingerprint=fingerprint, group=group)
     return loop.run(mode=mode, progress=progress)
 
 
-def _load_run_config(run_dir: Path) -> tuple[FinetuneConfig, TrainConfig]:
+def _drop_unreadable(index: DatasetIndex, config: FinetuneConfig) -> tuple[DatasetIndex, list[tuple[str, str, str]]]:
+    """Decode every image once and leave out the unreadable ones (extract's skip rule), before the plan is made.
+
+    The plan (batch order of every epoch) needs the number of training images up front, so they are
+    found here rather than mid-epoch. Returns the index without them and their (split, path, reason);
+    with --strict the first one is a UserError.
+    """
+    samples = [sample for _, sample in index.files()]
+    splits = [split for split, _ in index.files()]
+    workers = config.num_workers if config.num_workers >= 0 else _default_workers()
+    loader = torch.utils.data.DataLoader(
+        SkipUnreadable(ImageDataset(index.root, samples, _decoded_only)), batch_size=config.eval_batch_size,
+        num_workers=workers, collate_fn=collate_readable)
+    skipped = [(splits[i], samples[i].path, reason) for _, _, failures in loader for i, reason in failures]
+    if not skipped:
+        return index, []
+    if config.data.strict:
+        split, path, reason = skipped[0]
+        raise UserError(f"Cannot read image {index.root / path} ({reason}); replace or delete it, or drop "
+                        "--strict to skip unreadable images and list them in failures.csv.")
+    bad = {path for _, path, _ in skipped}
+    kept = {split: tuple(s for s in samples if s.path not in bad) for split, samples in index.splits.items()}
+    return dataclasses.replace(index, splits=kept), skipped
+
+
+def _decoded_only(image) -> int:
+    """The transform of the readability pass: the image was decoded; nothing else is needed."""
+    return 0
+
+
+def _readable(loader):
+    """The batches of a SkipUnreadable loader; an image that became unreadable after the first pass is a UserError."""
+    for batch, _, failures in loader:
+        if failures:
+            i, reason = failures[0]
+            dataset = loader.dataset.dataset
+            raise UserError(f"Image {dataset.root / dataset.samples[i].path} became unreadable during training "
+                            f"({reason}); restore it and continue with --resume.")
+        yield batch
+
+
+def _check_same_settings(run_dir: Path, stored: tuple, given: tuple) -> None:
+    """UserError naming every setting that differs between a stored run and the resuming command."""
+    def fields(config: FinetuneConfig, train: TrainConfig) -> dict:
+        out = {k: v for k, v in asdict(config).items() if k not in _RESUME_FREE}
+        out.update({k: v for k, v in out.pop("data").items() if k not in _RESUME_FREE})
+        out["root"] = _same_root(out["root"])
+        out.update({k: v for k, v in asdict(train).items() if k not in _RESUME_FREE})
+        return out
+
+    was, now = fields(*stored), fields(*given)
+    differ = [f"{k} {was[k]!r} (run) vs {now[k]!r} (given)" for k in was if was[k] != now.get(k)]
+    if differ:
+        raise UserError(f"Cannot resume {run_dir} with other settings: {'; '.join(differ)}. Give the run's own "
+                        f"options (see {run_dir / CONFIG_FILE}), or start a new run without --resume.")
+
+
+# Settings that change how a run executes, not its numbers: a resumed run may use others.
+_RESUME_FREE = {"device", "num_workers", "eval_batch_size", "cache_dir", "runs_dir", "strict"}
+
+
+def _same_root(root: str) -> str:
+    return root if root in ("demo", "demo3") else os.path.abspath(os.path.expanduser(root))
+
+
+def _load_run_config(run_dir: Path) -> tuple[FinetuneConfig, TrainConfig, str | None]:
     from featcache.config import DataConfig
 
     if runs.is_finished(run_dir):
@@ -93,18 +192,18 @@ def _load_run_config(run_dir: Path) -> tuple[FinetuneConfig, TrainConfig]:
     doc = json.loads(path.read_text())
     ft = dict(doc["finetune"])
     ft["data"] = DataConfig(**ft["data"])
-    return FinetuneConfig(**ft), TrainConfig(**doc["train"])
+    return FinetuneConfig(**ft), TrainConfig(**doc["train"]), doc.get("dataset_fingerprint")
 
 
 class _PlanBatches:
     """A batch sampler yielding the plan's batches of the current epoch (set `.epoch`)."""
 
-    def __init__(self, plan: TrainPlan):
-        self.plan = plan
+    def __init__(self, plan: TrainPlan, group: distributed.Solo):
+        self.plan, self.group = plan, group
         self.epoch = 0
 
-    def __iter__(self):
-        return iter([b.tolist() for b in self.plan.batches(self.epoch)])
+    def __iter__(self):  # with DDP: this process's part of each batch
+        return iter([self.group.local_rows(b).tolist() for b in self.plan.batches(self.epoch)])
 
     def __len__(self):
         return self.plan.num_batches
@@ -114,9 +213,15 @@ class _Loop:
     """One training run: model, optimizer, loaders, checkpoints; `run()` trains and writes the run."""
 
     def __init__(self, *, config: FinetuneConfig, train: TrainConfig, plan: TrainPlan, index: DatasetIndex,
-                 backbone: Backbone, device: torch.device, run_dir: Path, log: Log):
+                 backbone: Backbone, device: torch.device, run_dir: Path, log: Log,
+                 dataset_fingerprint: str | None = None, group: distributed.Solo | None = None):
         self.config, self.train, self.plan, self.index = config, train, plan, index
+        self.group = group or distributed.Solo()
         self.device, self.run_dir, self.log = device, run_dir, log
+        # of the scanned dataset, unreadable images included (index no longer holds them)
+        self.dataset_fingerprint = dataset_fingerprint or index.fingerprint()
+        self._stop = _NO_SIGNAL  # set by run(): SIGTERM received
+        self._saved_epoch = 0  # epoch of last.pt (0: none)
         self.backbone = backbone
         self.num_classes = len(index.class_names)
         self.net = make_finetune_net(backbone, plan.weight.shape[0]).to(device)
@@ -127,19 +232,24 @@ class _Loop:
             self.net.backbone.requires_grad_(False)
         params = [p for p in self.net.parameters() if p.requires_grad]
         self.optimizer = _make_optimizer(params, train)
-        self.sampler = _PlanBatches(plan)
+        # what the training forward pass calls: with DDP, its backward averages gradients over the processes
+        self.trained = self.group.wrap(self.net.head if config.freeze_backbone else self.net, device=device,
+                                       sync_batchnorm=not config.freeze_backbone)
+        self.sampler = _PlanBatches(plan, self.group)
         workers = config.num_workers if config.num_workers >= 0 else _default_workers()
         train_tf = make_train_transform(backbone.transform_desc) if config.augment else backbone.transform
         # Not persistent: each epoch's workers then take their seeds from the per-epoch torch seed
         # (_train_epoch), so augmentation and Dropout of a resumed run replay an uninterrupted one.
         self.train_loader = torch.utils.data.DataLoader(
-            ImageDataset(index.root, index.splits["train"], train_tf), batch_sampler=self.sampler,
-            num_workers=workers, pin_memory=device.type == "cuda")
+            SkipUnreadable(ImageDataset(index.root, index.splits["train"], train_tf)), batch_sampler=self.sampler,
+            num_workers=workers, pin_memory=device.type == "cuda", collate_fn=collate_readable)
         self.eval_loaders = {
             split: torch.utils.data.DataLoader(
-                ImageDataset(index.root, index.splits[split], backbone.transform),
+                # with DDP: this process's contiguous part of the split (logits() gathers them in order)
+                SkipUnreadable(ImageDataset(index.root, self.group.local_rows(index.splits[split]),
+                                            backbone.transform)),
                 batch_size=config.eval_batch_size, shuffle=False, num_workers=workers,
-                persistent_workers=workers > 0, pin_memory=device.type == "cuda")
+                persistent_workers=workers > 0, pin_memory=device.type == "cuda", collate_fn=collate_readable)
             for split in ("val", "test")
         }
 
@@ -166,30 +276,34 @@ class _Loop:
         self.sampler.epoch = epoch
         # Augmentation and Dropout draw from torch's RNG: seed it per epoch so a resumed run
         # replays exactly what an uninterrupted one does.
-        torch.manual_seed(self.train.seed * 100_003 + epoch)
+        torch.manual_seed(self.train.seed * 100_003 + epoch + 1_000_003 * self.group.rank)
         loss_sums, correct, sizes = [], [], []
+        global_sizes = self.plan.batch_sizes()
         task = bar.add_task(f"epoch {epoch + 1}/{self.plan.epochs}", total=self.plan.n_train, info="") if bar else None
-        for images, labels, _ in self.train_loader:
+        for step, (images, labels, _) in enumerate(_readable(self.train_loader)):
+            self._stop_if_asked(epoch)
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             with self._autocast():
                 if self.config.freeze_backbone:
                     with torch.no_grad():
                         feats = self.net.backbone(images)
-                    logits = self.net.head(feats.float())
+                    logits = self.trained(feats.float())
                 else:
-                    logits = self.net(images)
+                    logits = self.trained(images)
                 loss = self._loss(logits.float(), labels)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            self.group.scale_loss(loss, rows=len(labels), global_rows=int(global_sizes[step])).backward()
             self.optimizer.step()
             n = len(labels)
             batch_loss = float(loss.detach())
             pred = metrics.predict(logits.detach().float().cpu().numpy(), self.num_classes)
-            loss_sums.append(batch_loss * n)
-            correct.append(int((pred == labels.cpu().numpy()).sum()))
-            sizes.append(n)
-            if not math.isfinite(batch_loss):
+            # with DDP: sums over the processes, so every one sees the global batch's numbers
+            loss_sum, right, n = self.group.sum(batch_loss * n, int((pred == labels.cpu().numpy()).sum()), n)
+            loss_sums.append(loss_sum)
+            correct.append(int(right))
+            sizes.append(int(n))
+            if not math.isfinite(loss_sum):
                 break  # the divergence check below ends the run
             if bar:
                 done = sum(sizes)
@@ -203,17 +317,35 @@ class _Loop:
         """(N, K) float32 logits of one split in eval mode."""
         self._set_modes(False)
         out = []
-        for images, _, _ in self.eval_loaders[split]:
+        for images, _, _ in _readable(self.eval_loaders[split]):
             with self._autocast():
                 out.append(self.net(images.to(self.device, non_blocking=True)).float().cpu().numpy())
-        return np.concatenate(out)
+        local = np.concatenate(out) if out else np.zeros((0, self.plan.weight.shape[0]), np.float32)
+        return self.group.gather_rows(local)  # with DDP: every process's rows, in order
 
     # ---- checkpoints
 
     def _save(self, name: str, payload: dict) -> None:
-        tmp = self.run_dir / f".{name}.tmp"
-        torch.save(payload, tmp)
-        tmp.replace(self.run_dir / name)
+        try:
+            if self.group.is_main:  # rank 0 writes the run directory
+                runs.atomic_write(self.run_dir / name, lambda f: torch.save(payload, f))
+            if name == LAST_CKPT:
+                self._saved_epoch = payload["epoch"]
+        except NoSpaceError as exc:
+            raise NoSpaceError(exc.path, exc.reason, f"{self._kept()}; free space in {self.run_dir.parent} and "
+                               f"continue with the same command plus --resume {self.run_dir}.") from None
+
+    def _kept(self) -> str:
+        """What a stopped run leaves to resume from, as a clause."""
+        if not self._saved_epoch:
+            return "no epoch had finished, so there is no checkpoint"
+        return f"{self.run_dir / LAST_CKPT} (epoch {self._saved_epoch}) is intact"
+
+    def _stop_if_asked(self, epoch: int) -> None:
+        """After SIGTERM: stop at this batch boundary; the checkpoint of the last finished epoch is what resume uses."""
+        if self._stop.is_set():
+            raise TerminatedError(f"Stopped by SIGTERM in epoch {epoch + 1} of {self.plan.epochs}; {self._kept()}; "
+                                  f"continue with the same command plus --resume {self.run_dir}.")
 
     def _state(self, epoch: int, history: list[metrics.EpochRecord]) -> dict:
         return {
@@ -225,14 +357,22 @@ class _Loop:
             "history": [r.to_dict() for r in history],
         }
 
+    def _load(self, name: str) -> dict | None:
+        """A checkpoint of the run directory, or None; with DDP rank 0 reads it and sends it to the others."""
+        path = self.run_dir / name
+        if self.group.world_size == 1:
+            return torch.load(path, map_location=self.device, weights_only=False) if path.is_file() else None
+        return self.group.from_main(
+            lambda: torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None)
+
     def _restore(self) -> list[metrics.EpochRecord]:
-        path = self.run_dir / LAST_CKPT
-        if not path.is_file():
+        ckpt = self._load(LAST_CKPT)
+        if ckpt is None:
             return []
-        ckpt = torch.load(path, map_location=self.device, weights_only=False)
         self.net.load_state_dict(ckpt["state_dict"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         history = [metrics.EpochRecord.from_dict(r) for r in ckpt["history"]]
+        self._saved_epoch = ckpt["epoch"]
         self.log(f"continuing after epoch {len(history)} of {self.plan.epochs}")
         return history
 
@@ -242,7 +382,9 @@ class _Loop:
         history = self._restore()
         val_labels = np.array([s.label for s in self.index.splits["val"]])
         diverged = None
-        with progress_bar(progress) as bar:
+        # Under torchrun, SIGTERM is how the agent stops the survivors of a failed rank (which may be waiting
+        # in a collective, never reaching a batch boundary): it keeps its default there.
+        with _sigterm_flag(enabled=self.group.world_size == 1) as self._stop, progress_bar(progress) as bar:
             for epoch in range(len(history), self.plan.epochs):
                 t0 = time.perf_counter()
                 train_loss, train_acc = self._train_epoch(epoch, bar)
@@ -261,12 +403,14 @@ class _Loop:
                 if metrics.select_epoch(history) == len(history) - 1:
                     self._save(BEST_CKPT, self._state(epoch + 1, history))
                 self._save(LAST_CKPT, self._state(epoch + 1, history))
+                if epoch + 1 < self.plan.epochs:
+                    self._stop_if_asked(epoch + 1)
         return self._finish(mode=mode, history=history, diverged=diverged)
 
     def _finish(self, *, mode: str, history: list[metrics.EpochRecord], diverged: str | None) -> runs.RunResult:
         good = history[:-1] if diverged else history
-        if good and (self.run_dir / BEST_CKPT).is_file():
-            best = torch.load(self.run_dir / BEST_CKPT, map_location=self.device, weights_only=False)
+        best = self._load(BEST_CKPT) if good else None
+        if best is not None:
             self.net.load_state_dict(best["state_dict"])
             test_logits = self.logits("test")
         else:  # diverged in the first epoch: nothing good to score
@@ -276,20 +420,59 @@ class _Loop:
         summary = metrics.summarize(history, selected, test_logits=test_logits, test_labels=test_labels,
                                     class_names=self.index.class_names,
                                     train_seconds=sum(r.seconds for r in history), diverged=diverged is not None)
+        if not self.group.is_main:
+            return self.group.broadcast(None)  # rank 0 writes the run directory and sends its result
         head = self.net.head
         runs.save_head(self.run_dir / runs.HEAD_FILE, weight=head.weight.detach().cpu().numpy(),
                        bias=head.bias.detach().cpu().numpy(), class_names=self.index.class_names)
         runs.write_history_csv(self.run_dir / runs.HISTORY_FILE, history)
         plots.plot_curves(history, self.run_dir / runs.CURVES_FILE,
                           f"{self.config.model} — {mode}", selected=selected)
-        return runs.finish_run(
+        result = runs.finish_run(
             self.run_dir, mode=mode, model=self.config.model, config=self.train, summary=summary,
             history=history, timings={"train_s": sum(r.seconds for r in history)},
             versions=library_versions(),
             extra={"finetune": asdict(self.config), "dataset_root": str(self.index.root),
-                   "dataset_fingerprint": self.index.fingerprint(), "weights": self.backbone.weights_tag,
+                   "dataset_fingerprint": self.dataset_fingerprint, "weights": self.backbone.weights_tag,
                    "transform": self.backbone.transform_desc, "diverged_reason": diverged},
         )
+        return self.group.broadcast(result)
+
+
+class _Flag:
+    """Set by a signal handler, read by the loop (no lock: a handler must not block)."""
+
+    def __init__(self):
+        self._set = False
+
+    def set(self, *_):
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+
+_NO_SIGNAL = _Flag()  # never set: a _Loop outside run()
+
+
+@contextmanager
+def _sigterm_flag(*, enabled: bool = True):
+    """A flag that SIGTERM sets while the block runs (the handler only sets it; the loop stops at a batch boundary).
+
+    Stopping mid-epoch and keeping the last finished epoch's checkpoint is what resume can replay
+    bit for bit; a mid-epoch checkpoint could not be (augmentation and worker seeds are per epoch).
+    """
+    flag, installed, previous = _Flag(), False, None
+    if enabled:
+        try:
+            previous, installed = signal.signal(signal.SIGTERM, flag.set), True
+        except ValueError:  # not the main thread: signals cannot be handled here
+            pass
+    try:
+        yield flag
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _epoch_line(r: metrics.EpochRecord, epochs: int) -> str:
