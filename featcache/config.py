@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -69,15 +69,19 @@ class FinetuneConfig:
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """Settings of `featcache bench`."""
+    """Settings of `featcache bench` (every path gets the same data, epochs, batch size, crop, weights, device)."""
 
     models: tuple[str, ...] = ("resnet18", "googlenet")
-    data: str = "demo"
+    data: str = "demo"  # "demo" | "demo3" | a dataset folder
     epochs: int = 30
-    image_size: int | None = None
-    batch_size: int = 32
-    device: str = "cpu"
-    repeat: int = 3
-    quick: bool = False
-    out: str = "benchmarks/results"
-    extra: dict = field(default_factory=dict)
+    image_size: int | None = None  # crop size; None = each model's native size (224), as in the study
+    batch_size: int = 32  # training batches and extraction batches
+    weights: str = "none"  # speed does not depend on the values; "none" needs no network
+    device: str = "cpu"  # "cpu" | "cuda"
+    repeat: int = 3  # every path runs this many times, interleaved; medians reported
+    quick: bool = False  # tiny demo, 32 px, 2 epochs, 1 repeat: the smoke run a test does
+    finetune: bool = True  # path 6, the slowest
+    scale_factors: tuple[int, ...] = (1, 2, 4)  # extraction time at these multiples of the images
+    scale_epochs: tuple[int, ...] = (30, 100, 300)  # head-train time at these epoch counts
+    out: str = "benchmarks/results"  # folder of the result JSON files
+    work_dir: str | None = None  # datasets, caches and runs of the benchmark; None = a temporary folder

@@ -40,7 +40,7 @@ def test_import_boundaries(module, forbidden):
 def test_every_command_has_help_with_an_example():
     runner = CliRunner()
     commands = ["models", "demo-data", "demo", "extract", "head-train", "finetune", "report",
-                "cache ls", "cache verify"]
+                "cache ls", "cache verify", "export", "predict", "bench", "shift"]
     for command in commands:
         result = runner.invoke(cli, command.split() + ["--help"])
         assert result.exit_code == 0, (command, result.output)
