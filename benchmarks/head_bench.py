@@ -3,8 +3,9 @@
 Both train the same linear head for the same epochs on the same in-memory features, following
 one TrainPlan (same init, batch order and lr per epoch) and, per epoch, one val pass: the JAX
 program via featcache.head, the PyTorch loop as a tutorial writes it (zero_grad, forward,
-loss, backward, step, loss.item() every batch). Measured in one run and reported as a ratio,
-since absolute times on a shared machine drift.
+loss, backward, step, loss.item() every batch): featcache.bench.torch_head_loop, path 4 of
+`featcache bench`. Measured in one run and reported as a ratio, since absolute times on a
+shared machine drift.
 
     PYTHONPATH=. python benchmarks/head_bench.py [--rows 2000] [--dim 1024] [--epochs 30] [--repeat 5]
 """
@@ -35,63 +36,11 @@ def make_data(rows: int, dim: int, seed: int = 0):
     return (x[:rows], y[:rows]), (x[rows:rows + q], y[rows:rows + q]), (x[rows + q:], y[rows + q:])
 
 
-def torch_loop(train, val, config, device: str = "cpu") -> float:
-    """Seconds of the PyTorch loop (30 epochs of batches + a val pass per epoch), metrics included."""
-    import torch
-
-    from featcache import metrics
-    from featcache.plan import make_plan
-
-    x, y = torch.from_numpy(train[0]).to(device), torch.from_numpy(train[1]).to(device)
-    xv, yv = torch.from_numpy(val[0]).to(device), val[1]
-    plan = make_plan(n_train=len(y), feature_dim=x.shape[1], num_outputs=1, config=config)
-    t0 = time.perf_counter()
-    lin = torch.nn.Linear(x.shape[1], 1).to(device)
-    with torch.no_grad():
-        lin.weight.copy_(torch.tensor(plan.weight))
-        lin.bias.copy_(torch.tensor(plan.bias))
-    opt = torch.optim.SGD(lin.parameters(), lr=config.lr, momentum=config.momentum)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
-    for epoch in range(plan.epochs):
-        for group in opt.param_groups:
-            group["lr"] = float(plan.lrs[epoch])
-        loss_sums, correct, sizes = [], [], []
-        for rows in plan.batches(epoch):
-            rows = torch.from_numpy(rows).to(device)
-            xb, yb = x[rows], y[rows]
-            opt.zero_grad()
-            logits = lin(xb)
-            loss = loss_fn(logits[:, 0], yb.float())
-            loss.backward()
-            opt.step()
-            loss_sums.append(loss.item() * len(rows))
-            correct.append(int(((logits[:, 0] > 0).long() == yb).sum()))
-            sizes.append(len(rows))
-        metrics.epoch_train_metrics(loss_sums, correct, sizes)
-        with torch.no_grad():
-            metrics.evaluate(lin(xv).cpu().numpy(), yv, 2)
-    return time.perf_counter() - t0
-
-
 def jax_warm(train, val, config, repeat: int) -> list[float]:
     """Seconds of the compiled training program, inputs already on the device, run `repeat` times."""
-    import jax
+    from featcache.bench import jax_head_program  # the JAX side of `featcache bench`'s path 4
 
-    from featcache.head import padded_batches, params_from_linear, train_program
-    from featcache.plan import make_plan
-
-    plan = make_plan(n_train=len(train[1]), feature_dim=train[0].shape[1], num_outputs=1, config=config)
-    idx, mask = padded_batches(plan)
-    args = jax.device_put((params_from_linear(plan.weight, plan.bias), train[0], train[1].astype(np.int32), val[0],
-                           idx, mask, plan.lrs.astype(np.float32)))
-    compiled = train_program(num_outputs=1, config=config).lower(*args).compile()
-    jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t0)
-    return times
+    return jax_head_program(train, val, num_classes=2, config=config, runs=repeat)["runs_s"]
 
 
 PROCESS_CODE = """
@@ -114,6 +63,7 @@ def main() -> None:
     p.add_argument("--torch-device", default="cpu", help="device of the PyTorch loop (cpu, cuda)")
     a = p.parse_args()
 
+    from featcache.bench import torch_head_loop  # the PyTorch loop `featcache bench` times as path 4
     from featcache.config import TrainConfig
 
     config = TrainConfig(epochs=a.epochs)  # the study's defaults: batch 32, sgd momentum 0.9, cosine
@@ -136,7 +86,8 @@ def main() -> None:
     for threads in sorted({default_threads, 1}, reverse=True) if a.torch_device == "cpu" else [default_threads]:
         torch.set_num_threads(threads)
         torch_times[threads] = statistics.median(
-            [torch_loop(train, val, config, a.torch_device) for _ in range(max(1, a.repeat // 2))])
+            [torch_head_loop(train, val, num_classes=2, config=config, device=a.torch_device)
+             for _ in range(max(1, a.repeat // 2))])
     torch.set_num_threads(default_threads)
     # 4. a whole Python process: imports + data + fit_head (no cache file, no run directory)
     proc0 = time.perf_counter()
