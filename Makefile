@@ -13,7 +13,9 @@ help:
 	@echo "make demo   set up the environment (first time only) and run featcache demo"
 	@echo "make test   set up the environment (first time only) and run the test suite"
 
-$(STAMP): pyproject.toml constraints.txt
+# No file prerequisites: the hash in VENV's name already changes with the dependency files
+# (a fresh clone's newer mtimes must not trigger a reinstall).
+$(STAMP):
 	@echo "Creating $(VENV) (first time only; installs torch, jax, ... ~6 GB)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
