@@ -1,13 +1,7 @@
 """The Python API: one function per command (re-exported as featcache.extract, featcache.train_head, ...).
 
-The API mirrors the commands. Importing featcache imports neither torch nor jax; each
-function imports what it needs, so the JAX side never loads torch and the other way round.
-
-    >>> import featcache
-    >>> path = featcache.extract(model="resnet18", data="demo", weights="none", image_size=64)
-    >>> x, y, meta = featcache.load_features(path, "train")
-    >>> run = featcache.train_head(cache=path, epochs=30)
-    >>> run.summary.test_acc
+Each function imports what it needs inside its body, so importing the API starts neither
+torch nor jax; see featcache/__init__.py for an example session.
 """
 
 from __future__ import annotations
