@@ -13,6 +13,7 @@ shared machine drift.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import statistics
@@ -82,6 +83,8 @@ def main() -> None:
     import torch
 
     default_threads = torch.get_num_threads()
+    # warm-up (torch's first-call initialization out of the timings), as featcache bench's path 4
+    torch_head_loop(train, val, num_classes=2, config=dataclasses.replace(config, epochs=1), device=a.torch_device)
     torch_times = {}
     for threads in sorted({default_threads, 1}, reverse=True) if a.torch_device == "cpu" else [default_threads]:
         torch.set_num_threads(threads)

@@ -447,7 +447,8 @@ def summarize_model(record: dict, *, counts: dict, epochs: int) -> dict:
         name: _med(p[name]) - _med(p[name], "inproc_s") for name in ("classic", "extract", "head_cold", "warm")}
     ext, head = record["scaling"]["extract"], record["scaling"]["head"]
     out["scaling"] = {
-        "extract": [{"factor": pt["factor"], "images": pt["images"], "wall_s": _med(pt), "inproc_s": _med(pt, "inproc_s"),
+        "extract": [{"factor": pt["factor"], "images": pt["images"],
+                     "wall_s": _med(pt), "inproc_s": _med(pt, "inproc_s"),
                      "growth_wall": _med(pt) / _med(ext[0]),
                      "growth_inproc": _med(pt, "inproc_s") / _med(ext[0], "inproc_s"),
                      "expected": pt["factor"] / ext[0]["factor"]} for pt in ext],
@@ -575,21 +576,23 @@ def _header(doc: dict) -> str:
     return (f"{doc['created']}  {m['processor']}, {m['cpu_count']} CPUs, device {m['device']}, torch threads "
             f"{', '.join(str(t) for t in sorted(threads, key=str))}, load avg before {m['load_avg_before']} after "
             f"{m['load_avg_after']}\n"
-            f"python {v.get('python')}, torch {v.get('torch')}, torchvision {v.get('torchvision')}, jax {v.get('jax')}, "
+            f"python {v.get('python')}, torch {v.get('torch')}, torchvision {v.get('torchvision')}, "
+            f"jax {v.get('jax')}, "
             f"flax {v.get('flax')}, optax {v.get('optax')}\n"
             f"data {d['name']}: train {d['counts']['train']}, val {d['counts']['val']}, test {d['counts']['test']} "
             f"(N = {d['n']})")
 
 
-def compare(a: dict, b: dict, *, names: tuple[str, str] = ("A", "B")) -> str:
-    """Two result documents side by side: median wall time of every path and the ratios, B / A."""
+def compare(a: dict, b: dict, *, sources: tuple[str, str] = ("", "")) -> str:
+    """Two result documents (A, B) side by side: median wall time of every path and the ratios, and B / A."""
     import io
 
     from rich.table import Table
 
+    names = ("A", "B")
     console = _console(io.StringIO())
-    for name, doc in zip(names, (a, b)):
-        console.print(f"[bold]{name}[/]: {doc['command'] or '(no command recorded)'}")
+    for name, doc, source in zip(names, (a, b), sources):
+        console.print(f"{name} = {source or '(result)'}: {doc['command'] or '(no command recorded)'}", highlight=False)
         console.print(_header(doc), highlight=False)
     table = Table(title=f"{names[1]} against {names[0]} (medians)")
     for col in ("model", "path / ratio", names[0], names[1], f"{names[1]} ÷ {names[0]}"):
@@ -707,7 +710,8 @@ def _torch_head_worker(cache: str, epochs: int, batch_size: int, device: str) ->
                                device=device)
     runs = [torch_head_loop(train, val, num_classes=num_classes, config=config, device=device)
             for _ in range(HEAD_RUNS)]
-    return {"seconds": statistics.median(runs), "runs_s": runs, "warmup_s": warmup_s, "import_s": import_s, "load_s": load_s,
+    return {"seconds": statistics.median(runs), "runs_s": runs, "warmup_s": warmup_s, "import_s": import_s,
+            "load_s": load_s,
             "feature_dim": int(xt.shape[1]), "torch_threads": torch.get_num_threads()}
 
 
@@ -740,7 +744,7 @@ def jax_head_program(train, val, *, num_classes: int, config, runs: int) -> dict
 
 
 def _jax_head_worker(cache: str, epochs: int, batch_size: int) -> dict:
-    """Path 4's JAX side: head-train's program on the cached features, compiled, called once, then timed HEAD_RUNS times."""
+    """Path 4's JAX side: head-train's program on the cached features, compiled, called once, timed HEAD_RUNS times."""
     t0 = time.perf_counter()
     import jax  # noqa: F401
 

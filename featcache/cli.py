@@ -656,7 +656,8 @@ def _command_line(ctx: click.Context) -> str:
     for param in ctx.command.params:
         if ctx.get_parameter_source(param.name) == click.core.ParameterSource.COMMANDLINE:
             value = ctx.params[param.name]
-            words += [param.opts[0]] if getattr(param, "is_flag", False) else [param.opts[0], *map(str, value if param.nargs > 1 else [value])]
+            values = [] if getattr(param, "is_flag", False) else value if param.nargs > 1 else [value]
+            words += [param.opts[0], *map(str, values)]
     return " ".join(words)
 
 
@@ -679,7 +680,7 @@ def _int_list(value: str, option: str) -> tuple[int, ...]:
               help="Backbone weights (speed does not depend on them; 'none' needs no network).")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
 @click.option("--repeat", default=3, show_default=True, help="Runs of every path (interleaved); medians reported.")
-@click.option("--quick", is_flag=True, help="Smoke run in under a minute: tiny demo, 32 px, 2 epochs, 1 repeat, no fine-tune.")
+@click.option("--quick", is_flag=True, help="Smoke run (about 40 s on an idle machine): tiny demo, 32 px, 2 epochs, 1 repeat, no fine-tune.")
 @click.option("--no-finetune", is_flag=True, help="Skip path 6, the full fine-tune (the slowest).")
 @click.option("--scale-factors", default="1,2,4", show_default=True, help="Extraction at these multiples of the images.")
 @click.option("--scale-epochs", default="30,100,300", show_default=True, help="head-train at these epoch counts.")
@@ -707,7 +708,7 @@ def bench(models, data, epochs, image_size, batch_size, weights, device, repeat,
     from featcache.config import BenchConfig
 
     if compare:
-        click.echo(fb.compare(fb.load_result(compare[0]), fb.load_result(compare[1]), names=compare), nl=False)
+        click.echo(fb.compare(fb.load_result(compare[0]), fb.load_result(compare[1]), sources=compare), nl=False)
         return
     default_models = ("resnet18",) if quick else BenchConfig().models
     config = BenchConfig(models=tuple(m for m in models.split(",") if m) if models else default_models, data=data,

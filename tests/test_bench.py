@@ -29,8 +29,8 @@ def quick_run(tmp_path_factory):
 def test_quick_json_records_machine_settings_and_every_repeat(quick_run):
     _, doc, _ = quick_run
     assert doc["schema"] == bench.SCHEMA
-    assert doc["command"] == f"featcache bench --quick --out {doc['settings']['out']} --work-dir {doc['settings']['work_dir']}"
     s = doc["settings"]
+    assert doc["command"] == f"featcache bench --quick --out {s['out']} --work-dir {s['work_dir']}"
     assert (s["models"], s["epochs"], s["image_size"], s["repeat"], s["finetune"]) == (["resnet18"], 2, 32, 1, False)
     assert doc["data"]["counts"] == {"train": 16, "val": 8, "test": 8}
     assert doc["machine"]["cpu_count"] >= 1 and doc["machine"]["device"] == "cpu"
