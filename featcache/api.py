@@ -48,14 +48,20 @@ def load_features(path: str | Path, split: str):
     return _load(path, split)
 
 
-def train_head(*, cache: str | Path, run_name: str | None = None, progress: bool = False, **options):
-    """Train the linear head (JAX) on a cache file; options are TrainConfig fields. Returns a RunResult."""
+def train_head(*, cache: str | Path, run_name: str | None = None, progress: bool = False, stream: bool | None = None,
+               stream_memory_mib: int | None = None, **options):
+    """Train the linear head (JAX) on a cache file; options are TrainConfig fields. Returns a RunResult.
+
+    stream=True reads the train rows from the file block by block (caches larger than memory; the same
+    results); None streams only when loading would not fit in the memory available.
+    """
     from featcache.config import TrainConfig
     from featcache.head import train_head as _train
 
     config = TrainConfig(**_split_kwargs(TrainConfig, options))
     _reject_unknown(options)
-    return _train(cache=cache, config=config, run_name=run_name, progress=progress)
+    return _train(cache=cache, config=config, run_name=run_name, progress=progress, stream=stream,
+                  stream_memory_mib=stream_memory_mib)
 
 
 def finetune(*, model: str, data: str | Path, resume: str | Path | None = None, progress: bool = False,

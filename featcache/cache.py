@@ -647,16 +647,158 @@ def load_features(path: str | Path, split: str) -> tuple[np.ndarray, np.ndarray,
             ) from None
     if not done.all():
         raise CacheError(f"{path} is missing rows of {split}; delete it and run featcache extract again.")
-    bad_rows = _non_finite_rows(features)
+    bad_rows = non_finite_rows(features)
     if bad_rows:
-        raise CacheError(f"{path}: {bad_rows} of {len(features)} rows of {split} hold NaN or inf features; "
-                         "delete it and run featcache extract again.")
+        raise non_finite_error(path, split, bad_rows, len(features))
     return features, labels, meta
 
 
-def _non_finite_rows(features: np.ndarray) -> int:
+def non_finite_error(path: str | Path, split: str, bad_rows: int, rows: int) -> CacheError:
+    """The error for a split with `bad_rows` of its `rows` holding NaN or inf features."""
+    return CacheError(f"{path}: {bad_rows} of {rows} rows of {split} hold NaN or inf features; "
+                      "delete it and run featcache extract again.")
+
+
+def non_finite_rows(features: np.ndarray) -> int:
     """Rows of a (N, D) array with a NaN or inf."""
     return int((~np.isfinite(features)).any(axis=1).sum()) if features.size else 0
+
+
+# --------------------------------------------------------------------------- read in pieces
+
+_GAP_BYTES = 64 * 1024  # rows closer than this in the file come in one read, the bytes between thrown away
+_READ_BYTES = 4 * 1024 * 1024  # the most one read takes (the reader's memory beyond the rows it returns)
+
+
+class FeatureReader:
+    """A complete cache open for reading features in pieces, never all at once (head-train --stream).
+
+    `take(split, rows)` gives any rows in the order asked for, `read(split, start, stop)` a run of
+    them. For an uncompressed dataset (what extract writes) h5py says where each chunk lies and the
+    rows are read with os.pread, rows that lie close together in one read (a random batch order
+    costs about one read per row, a block of consecutive rows one read per 4 MiB); a dataset
+    stored with HDF5 filters (another tool's compressed copy) goes through h5py's indexing: the
+    same values, slower. Thread-safe: featcache.stream reads the next block in a thread while
+    the head trains on this one.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.meta = read_meta(self.path)  # CacheError for a partial, foreign or corrupt file
+        self._file = h5py.File(self.path, "r")
+        self._fd = os.open(self.path, os.O_RDONLY)
+        try:
+            self._datasets = {s: self._file[s]["features"] for s in self.meta["splits"]}
+            self._labels = {s: self._file[s]["labels"][...].astype(np.int64) for s in self._datasets}
+            done = {s: bool(self._file[s]["done"][...].all()) for s in self._datasets}
+            self._chunks = {s: _chunk_offsets(ds) for s, ds in self._datasets.items()}
+            for split, ds in self._datasets.items():  # the byte offsets must read what h5py reads
+                ends = np.array(sorted({0, len(ds) - 1}), dtype=np.int64)
+                if self._chunks[split] is not None and not np.array_equal(self._pread(split, ends), ds[ends]):
+                    self._chunks[split] = None
+        except Exception:
+            self.close()
+            raise CacheError(f"{self.path} cannot be read (corrupt or truncated); delete it and run featcache "
+                             "extract again.") from None
+        missing = [split for split, ok in done.items() if not ok]
+        if missing:
+            self.close()
+            raise CacheError(f"{self.path} is missing rows of {missing[0]}; delete it and run featcache extract "
+                             "again.")
+
+    def __enter__(self) -> "FeatureReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._file.close()
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.meta["feature_dim"])
+
+    def rows(self, split: str) -> int:
+        return int(self.meta["splits"][split])
+
+    def labels(self, split: str) -> np.ndarray:
+        """(N,) int64 labels of a split (small: read when the file was opened)."""
+        return self._labels[split]
+
+    def raw(self, split: str) -> bool:
+        """Whether `split` is read with os.pread (else through h5py)."""
+        return self._chunks[split] is not None
+
+    def read(self, split: str, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop-1 of a split's features (M, D) in the file's dtype."""
+        return self.take(split, np.arange(start, stop, dtype=np.int64))
+
+    def take(self, split: str, rows: np.ndarray) -> np.ndarray:
+        """The features (len(rows), D) of the given rows, in that order, in the file's dtype."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.rows(split)):
+            raise IndexError(f"rows outside 0..{self.rows(split) - 1} of {split}")
+        try:
+            if self._chunks[split] is not None:
+                return self._pread(split, rows)
+            if not rows.size:
+                return np.empty((0, self.feature_dim), dtype=self._datasets[split].dtype)
+            unique, inverse = np.unique(rows, return_inverse=True)  # h5py wants increasing, unique rows
+            return self._datasets[split][unique][inverse]
+        except CacheError:
+            raise
+        except (OSError, ValueError):
+            raise CacheError(f"{self.path} cannot be read (corrupt or truncated); delete it and run featcache "
+                             "extract again.") from None
+
+    def _pread(self, split: str, rows: np.ndarray) -> np.ndarray:
+        ds = self._datasets[split]
+        chunk_rows, chunk_offsets = self._chunks[split]
+        row_bytes = self.feature_dim * ds.dtype.itemsize
+        out = np.empty((len(rows), self.feature_dim), dtype=ds.dtype)
+        if not rows.size:
+            return out
+        offsets = chunk_offsets[rows // chunk_rows] + (rows % chunk_rows) * row_bytes  # (M,) file positions
+        order = np.argsort(offsets, kind="stable")
+        at = offsets[order]
+        gaps = at[1:] - at[:-1] - row_bytes
+        cuts = np.flatnonzero((gaps < 0) | (gaps > _GAP_BYTES) | (gaps % row_bytes != 0)
+                              | (at[1:] // _READ_BYTES != at[:-1] // _READ_BYTES)) + 1
+        for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(at)]):
+            start = int(at[lo])
+            length = int(at[hi - 1]) - start + row_bytes
+            data = os.pread(self._fd, length, start)
+            if len(data) != length:
+                raise CacheError(f"{self.path} is truncated; delete it and run featcache extract again.")
+            block = np.frombuffer(data, dtype=ds.dtype).reshape(-1, self.feature_dim)
+            out[order[lo:hi]] = block[(at[lo:hi] - start) // row_bytes]
+        return out
+
+
+def _chunk_offsets(ds: h5py.Dataset) -> tuple[int, np.ndarray] | None:
+    """(rows per chunk, (chunks,) int64 file offset of each) of a dataset os.pread can read, else None.
+
+    None for anything but plain little-endian floats stored without filters and allocated in full.
+    """
+    if ds.dtype.kind != "f" or not ds.dtype.isnative or ds.ndim != 2 or not ds.shape[0]:
+        return None
+    if ds.chunks is None:
+        offset = ds.id.get_offset()
+        return None if offset is None else (ds.shape[0], np.array([offset], dtype=np.int64))
+    if ds.chunks[1] != ds.shape[1] or ds.id.get_create_plist().get_nfilters():
+        return None
+    chunk_rows = ds.chunks[0]
+    offsets = np.full(-(-ds.shape[0] // chunk_rows), -1, dtype=np.int64)
+    for i in range(ds.id.get_num_chunks()):
+        info = ds.id.get_chunk_info(i)
+        if info.filter_mask or info.size != chunk_rows * ds.shape[1] * ds.dtype.itemsize:
+            return None
+        offsets[info.chunk_offset[0] // chunk_rows] = info.byte_offset
+    return None if (offsets < 0).any() else (chunk_rows, offsets)
 
 
 def load_paths(path: str | Path, split: str) -> list[str]:
@@ -699,7 +841,7 @@ def verify_cache(path: str | Path) -> list[str]:
                     problems.append(f"{split}: {int((~done).sum())} of {n} rows not written")
                 if n and (labels.min() < 0 or labels.max() >= n_classes):
                     problems.append(f"{split}: labels outside 0..{n_classes - 1}")
-                bad_rows = _non_finite_rows(features)
+                bad_rows = non_finite_rows(features)
                 if bad_rows:
                     problems.append(f"{split}: {bad_rows} of {n} rows hold NaN or inf features")
     except CacheError as exc:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from featcache.config import DataConfig, ExtractConfig, TrainConfig
+from featcache.config import DEFAULT_STREAM_MEMORY_MIB, DataConfig, ExtractConfig, TrainConfig
 from featcache.errors import UserError
 
 # The registry's names, for click.Choice; backbones.py keeps torch imports inside functions.
@@ -361,14 +361,24 @@ def cache_verify(file):
 @click.option("--l2", "l2s", type=FloatList(), default=None, metavar="X[,X...]",
               help="--solver ridge: the L2 strengths searched (selected on val).  [default: 2^-10 ... 2^20]")
 @click.option("--standardize", is_flag=True, help="Z-score features with the train mean/std (stored in head.npz).")
+@click.option("--stream/--no-stream", default=None,
+              help="Read the train rows from the cache a block at a time in batch order instead of loading every "
+                   "split: for caches larger than memory; the same results.  [default: only when loading would "
+                   "not fit in the memory available]")
+@click.option("--stream-memory", type=click.IntRange(16), default=DEFAULT_STREAM_MEMORY_MIB, show_default=True,
+              metavar="MIB", help="Memory for the streamed blocks of features (bigger blocks, fewer reads).")
 @click.option("--run-name", default=None, help="Run directory name (default <time>-head-<model>).")
 def head_train(cache_file, model, data, val_fraction, test_fraction, split_seed, weights, image_size, dtype,
-               cache_dir, seeds, solver, l2s, standardize, run_name, **kwargs):
+               cache_dir, seeds, solver, l2s, standardize, stream, stream_memory, run_name, **kwargs):
     """Train the linear head in JAX on cached features: all epochs in one compiled program.
 
     Comma lists in --lr / --weight-decay and --seeds K train the whole grid (lr x wd x seed) as
     ONE vmapped program, select the (lr, wd) with the best mean val accuracy over the seeds and
     report every cell as mean ± 95 % t-interval; the run keeps the selected cell's first seed.
+
+    --stream (automatic when the features would not fit in memory) reads the train rows from the
+    cache a block at a time in the plan's batch order, one block read ahead in a thread, and runs
+    one compiled program per block: the same results, memory bounded by --stream-memory.
 
     \b
     Example:
@@ -376,6 +386,7 @@ def head_train(cache_file, model, data, val_fraction, test_fraction, split_seed,
       featcache head-train --model resnet18 --data demo --weights none --image-size 64 --epochs 30
       featcache head-train --cache FILE --lr 1e-4,1e-3,1e-2 --weight-decay 0,1e-4,1e-3 --seeds 5
       featcache head-train --cache FILE --solver ridge --standardize
+      featcache head-train --cache FILE --stream --stream-memory 2048
     """
     from featcache.report import print_summary
 
@@ -385,6 +396,10 @@ def head_train(cache_file, model, data, val_fraction, test_fraction, split_seed,
         cache_file = _find_cache(model, data, DataConfig(root=data or "", val_fraction=val_fraction,
                                                          test_fraction=test_fraction, split_seed=split_seed),
                                  weights=weights, image_size=image_size, dtype=dtype, cache_dir=cache_dir)
+    grid = len(lrs) > 1 or len(weight_decays) > 1 or seeds > 1
+    if stream and (grid or solver == "ridge"):
+        raise UserError("--stream trains one head with --solver optax (the grid and ridge load the cache whole); "
+                        "drop --stream, or the --lr/--weight-decay lists, --seeds and --solver ridge.")
     if l2s and solver != "ridge":
         raise UserError("--l2 sets the strengths of --solver ridge; add --solver ridge or drop --l2.")
     if solver == "ridge":
@@ -394,7 +409,7 @@ def head_train(cache_file, model, data, val_fraction, test_fraction, split_seed,
         from featcache.ridge import DEFAULT_L2S, train_ridge
 
         result = train_ridge(cache=cache_file, config=config, l2s=l2s or DEFAULT_L2S, run_name=run_name)
-    elif len(lrs) > 1 or len(weight_decays) > 1 or seeds > 1:
+    elif grid:
         from featcache.sweep import train_grid
 
         result = train_grid(cache=cache_file, config=config, lrs=lrs, weight_decays=weight_decays,
@@ -402,7 +417,8 @@ def head_train(cache_file, model, data, val_fraction, test_fraction, split_seed,
     else:
         from featcache.head import train_head
 
-        result = train_head(cache=cache_file, config=config, run_name=run_name, progress=True)
+        result = train_head(cache=cache_file, config=config, run_name=run_name, progress=True, stream=stream,
+                            stream_memory_mib=stream_memory)
     print_summary(result)
     if result.diverged:
         from featcache.errors import DivergedError

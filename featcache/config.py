@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+DEFAULT_STREAM_MEMORY_MIB = 1024  # head-train --stream-memory: memory for the blocks of streamed features
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the images are and how missing val/test splits are carved from train."""

@@ -194,11 +194,58 @@ def training_program(*, num_outputs: int, config: TrainConfig, heads: int | None
     matrix-vector products (featcache.sweep runs its grid this way).
     """
     multi = heads is not None
+
+    def program(params, x_train, y_train, x_val, idx, mask, lrs, *weight_decays):
+        steps = head_steps(num_outputs=num_outputs, config=config, heads=heads,
+                           weight_decays=weight_decays[0] if multi else None)
+
+        def epoch_step(carry, epoch):
+            idx_e, mask_e, lr = epoch  # (B, S), (B, S), () or (H,)
+
+            def batch_step(carry, batch):
+                rows, m = batch  # (S,), (S,)
+                return steps.batch(carry, x_train[rows], y_train[rows], m, lr)
+
+            carry, (losses, correct) = jax.lax.scan(batch_step, carry, (idx_e, mask_e))
+            return carry, (losses, correct, steps.logits(carry, x_val), steps.params(carry))
+
+        _, (losses, correct, val_logits, epoch_params) = jax.lax.scan(epoch_step, steps.init(params),
+                                                                      (idx, mask, lrs))
+        if multi:
+            return losses, correct, val_logits, epoch_params
+        return losses[..., 0], correct[..., 0], val_logits[:, :, 0], epoch_params
+
+    return program
+
+
+class HeadSteps(NamedTuple):
+    """The one training step and its companions, as pure functions over a carry (params, optimizer state).
+
+    training_program scans `batch` over all epochs in one program; featcache.stream calls it block by
+    block on rows read from disk. The same function, so both take the same steps.
+    """
+
+    init: Callable  # params (flax, as params_from_linear) -> carry
+    batch: Callable  # (carry, xb (S, D), yb (S,) i32, mask (S,) f32, lr () or (H,)) -> (carry, (loss (H,), correct (H,)))
+    logits: Callable  # (carry, x (M, D)) -> (M, H, K)
+    params: Callable  # carry -> flax params, as params_from_linear gives them
+
+
+def head_steps(*, num_outputs: int, config: TrainConfig, heads: int | None = None,
+               weight_decays: jax.Array | None = None) -> HeadSteps:
+    """The HeadSteps of one head (heads=None) or H heads side by side (see training_program).
+
+    weight_decays: (H,) per head with heads=H (may be traced), else None for config.weight_decay.
+    """
+    multi = heads is not None
     num_heads = heads or 1
     model = LinearHead(num_outputs * num_heads)
 
     def per_head(logits):  # (M, H*K) -> (M, H, K)
         return logits.reshape(logits.shape[0], num_heads, num_outputs)
+
+    def per_output(values):  # (H,) per head -> (H*K, 1) per output
+        return jnp.repeat(values, num_outputs)[:, None]
 
     # The parameters are carried with the output axis first: kernel (H*K, D) as nn.Linear.weight, bias
     # (H*K, 1). The step's products then take the forms XLA's CPU matmul kernels accept as they are
@@ -214,45 +261,35 @@ def training_program(*, num_outputs: int, config: TrainConfig, heads: int | None
         return {"params": {"linear": {"kernel": jnp.swapaxes(linear["kernel"], -1, -2),
                                       "bias": linear["bias"][..., 0]}}}
 
-    def per_output(values):  # (H,) per head -> (H*K, 1) per output
-        return jnp.repeat(values, num_outputs)[:, None]
+    # per output column: head h's lr and weight decay repeated over its K outputs
+    tx = update_direction(config, weight_decay=per_output(weight_decays) if multi else None)
 
-    def program(params, x_train, y_train, x_val, idx, mask, lrs, *weight_decays):
-        # per output column: head h's lr and weight decay repeated over its K outputs
-        tx = update_direction(config, weight_decay=per_output(weight_decays[0]) if multi else None)
-
-        def epoch_step(carry, epoch):
-            idx_e, mask_e, lr = epoch  # (B, S), (B, S), () or (H,)
-            step_lr = per_output(lr) if multi else lr
-
-            def batch_step(carry, batch):
-                params, opt_state = carry
-                rows, m = batch  # (S,), (S,)
-                xb, yb = x_train[rows], y_train[rows]
-
-                def loss_fn(p):
-                    logits = per_head(model.apply(from_carried(p), xb))  # (S, H, K)
-                    losses = jax.vmap(masked_loss, in_axes=(1, None, None))(logits, yb, m)  # (H,)
-                    return jnp.sum(losses), (losses, logits)
-
-                (_, (loss, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-                direction, opt_state = tx.update(grads, opt_state, params)
-                params = optax.apply_updates(params, jax.tree.map(lambda d: -step_lr * d, direction))
-                correct = jnp.sum((jax.vmap(predictions, in_axes=1)(logits) == yb) & (m > 0), axis=1)  # (H,)
-                return (params, opt_state), (loss, correct)
-
-            (params, opt_state), (losses, correct) = jax.lax.scan(batch_step, carry, (idx_e, mask_e))
-            val_logits = per_head(model.apply(from_carried(params), x_val))  # (Nv, H, K)
-            return (params, opt_state), (losses, correct, val_logits, from_carried(params))
-
+    def init(params):
         carried = to_carried(params)
-        _, (losses, correct, val_logits, epoch_params) = jax.lax.scan(
-            epoch_step, (carried, tx.init(carried)), (idx, mask, lrs))
-        if multi:
-            return losses, correct, val_logits, epoch_params
-        return losses[..., 0], correct[..., 0], val_logits[:, :, 0], epoch_params
+        return carried, tx.init(carried)
 
-    return program
+    def batch(carry, xb, yb, m, lr):
+        params, opt_state = carry
+        step_lr = per_output(lr) if multi else lr
+
+        def loss_fn(p):
+            logits = per_head(model.apply(from_carried(p), xb))  # (S, H, K)
+            losses = jax.vmap(masked_loss, in_axes=(1, None, None))(logits, yb, m)  # (H,)
+            return jnp.sum(losses), (losses, logits)
+
+        (_, (loss, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        direction, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, jax.tree.map(lambda d: -step_lr * d, direction))
+        correct = jnp.sum((jax.vmap(predictions, in_axes=1)(logits) == yb) & (m > 0), axis=1)  # (H,)
+        return (params, opt_state), (loss, correct)
+
+    def logits(carry, x):
+        return per_head(model.apply(from_carried(carry[0]), x))
+
+    def params(carry):
+        return from_carried(carry[0])
+
+    return HeadSteps(init=init, batch=batch, logits=logits, params=params)
 
 
 @dataclass(frozen=True)
@@ -310,13 +347,9 @@ def prepare_data(train: Arrays, val: Arrays, test: Arrays, *, num_classes: int, 
     (x_train, y_train), (x_val, y_val), (x_test, y_test) = [
         (_features(x), np.asarray(y, dtype=np.int64)) for x, y in (train, val, test)]
     for split, (x, y) in zip(("train", "val", "test"), ((x_train, y_train), (x_val, y_val), (x_test, y_test))):
-        if len(y) == 0:
-            raise UserError(f"The {split} split is empty; the head needs train, val and test rows.")
+        check_labels(split, y, num_classes)
         if x.ndim != 2 or x.shape[0] != len(y) or x.shape[1] != x_train.shape[1]:
             raise ValueError(f"{split}: features {x.shape} do not match labels {y.shape} / train dim")
-        if y.min() < 0 or y.max() >= num_classes:
-            raise UserError(f"The {split} labels fall outside the {num_classes} classes; the cache is inconsistent, "
-                            "extract it again.")
 
     mean = std = None
     if config.standardize:
@@ -324,6 +357,15 @@ def prepare_data(train: Arrays, val: Arrays, test: Arrays, *, num_classes: int, 
         x_train, x_val, x_test = [(x - mean) / std for x in (x_train, x_val, x_test)]
     return HeadData(x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_val, x_test=x_test, y_test=y_test,
                     mean=mean, std=std, class_names=names)
+
+
+def check_labels(split: str, labels: np.ndarray, num_classes: int) -> None:
+    """UserError for an empty split or labels outside 0..num_classes-1 (every head-train path checks this)."""
+    if len(labels) == 0:
+        raise UserError(f"The {split} split is empty; the head needs train, val and test rows.")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise UserError(f"The {split} labels fall outside the {num_classes} classes; the cache is inconsistent, "
+                        "extract it again.")
 
 
 def program_args(plan: TrainPlan, data: HeadData) -> tuple:
@@ -374,26 +416,48 @@ def fit_from_outputs(outs: tuple, *, plan: TrainPlan, data: HeadData, timings: d
             summary.training_time = compile_s + train_s.
     """
     batch_loss, batch_correct, val_logits, epoch_params = outs
-    compile_s, train_s = timings["compile_s"], timings["train_s"]
-    sizes = plan.batch_sizes()
-    history = []
-    for e in range(plan.epochs):
-        # loss of each batch * its size, in float64: what `running_loss += loss.item() * bs` sums
-        train_loss, train_acc = metrics.epoch_train_metrics(
-            batch_loss[e].astype(np.float64) * sizes, batch_correct[e], sizes)
-        val_loss, val_acc = metrics.evaluate(val_logits[e], data.y_val, data.num_classes)
-        history.append(EpochRecord(epoch=e + 1, lr=float(plan.lrs[e]), train_loss=train_loss, train_acc=train_acc,
-                                   val_loss=val_loss, val_acc=val_acc, seconds=train_s / plan.epochs))
-    selected = metrics.select_epoch(history)
-
+    history = [epoch_record(plan, e, batch_loss=batch_loss[e], batch_correct=batch_correct[e],
+                            val_logits=val_logits[e], y_val=data.y_val, num_classes=data.num_classes,
+                            seconds=timings["train_s"] / plan.epochs)
+               for e in range(plan.epochs)]
     epoch_weights, epoch_biases = linear_from_params(epoch_params)
+    # numpy, so no second compile
+    return finish_fit(history, plan=plan, epoch_weights=epoch_weights, epoch_biases=epoch_biases,
+                      test_logits=lambda w, b: data.x_test @ w.T + b, y_test=data.y_test,
+                      class_names=data.class_names, mean=data.mean, std=data.std, timings=timings)
+
+
+def epoch_record(plan: TrainPlan, epoch: int, *, batch_loss: np.ndarray, batch_correct: np.ndarray,
+                 val_logits: np.ndarray, y_val: np.ndarray, num_classes: int, seconds: float) -> EpochRecord:
+    """The record of epoch `epoch` (0-based) from its batches' mean losses (B,) and correct counts (B,) and
+    its end-of-epoch val logits (Nv, K): what every head-train path keeps of an epoch."""
+    sizes = plan.batch_sizes()
+    # loss of each batch * its size, in float64: what `running_loss += loss.item() * bs` sums
+    train_loss, train_acc = metrics.epoch_train_metrics(np.asarray(batch_loss, np.float64) * sizes,
+                                                        np.asarray(batch_correct), sizes)
+    val_loss, val_acc = metrics.evaluate(val_logits, y_val, num_classes)
+    return EpochRecord(epoch=epoch + 1, lr=float(plan.lrs[epoch]), train_loss=train_loss, train_acc=train_acc,
+                       val_loss=val_loss, val_acc=val_acc, seconds=seconds)
+
+
+def finish_fit(history: list[EpochRecord], *, plan: TrainPlan, epoch_weights: np.ndarray, epoch_biases: np.ndarray,
+               test_logits: Callable[[np.ndarray, np.ndarray], np.ndarray], y_test: np.ndarray,
+               class_names: Sequence[str], mean: np.ndarray | None, std: np.ndarray | None,
+               timings: dict[str, float]) -> HeadFit:
+    """Select the epoch, score the test split with its parameters and gather the HeadFit.
+
+    epoch_weights (E, K, D) / epoch_biases (E, K): the head at the end of each epoch; test_logits(weight (K, D),
+    bias (K,)) -> (N_test, K) float32 of the test split; timings: compile_s and train_s at least
+    (summary.training_time = compile_s + train_s).
+    """
+    selected = metrics.select_epoch(history)
     weight, bias = epoch_weights[selected], epoch_biases[selected]
-    test_logits = data.x_test @ weight.T + bias  # (N_test, K) float32; numpy, so no second compile
-    summary = metrics.summarize(history, selected, test_logits=test_logits, test_labels=data.y_test,
-                                class_names=data.class_names, train_seconds=compile_s + train_s)
+    logits = test_logits(weight, bias)
+    summary = metrics.summarize(history, selected, test_logits=logits, test_labels=y_test,
+                                class_names=list(class_names), train_seconds=timings["compile_s"] + timings["train_s"])
     return HeadFit(history=history, selected=selected, summary=summary, epoch_weights=epoch_weights,
-                   epoch_biases=epoch_biases, weight=weight, bias=bias, mean=data.mean, std=data.std,
-                   test_logits=test_logits, timings={"compile_s": compile_s, "train_s": train_s}, plan=plan)
+                   epoch_biases=epoch_biases, weight=weight, bias=bias, mean=mean, std=std,
+                   test_logits=logits, timings=dict(timings), plan=plan)
 
 
 def _versions() -> dict[str, str]:
@@ -414,37 +478,66 @@ def _say(progress: bool, message: str) -> None:
 
 
 def train_head(*, cache: str | Path, config: TrainConfig, run_name: str | None = None,
-               progress: bool = True) -> runs.RunResult:
+               progress: bool = True, stream: bool | None = None, stream_memory_mib: int | None = None
+               ) -> runs.RunResult:
     """Train the linear head on a feature cache and write its run directory.
 
     Args:
         cache: a complete cache file written by `featcache extract`.
         config: training settings; the run directory goes under config.runs_dir.
         run_name: the run directory's name; None = `<time>-head-<model>`.
-        progress: one line per phase on stderr.
+        progress: one line per phase on stderr (and a progress bar when streaming).
+        stream: True = read the train rows from the file block by block in plan order
+            (featcache.stream), never loading the features whole; False = load every split;
+            None = stream only when loading would not fit in the memory available now.
+        stream_memory_mib: memory for the streamed blocks (default config.DEFAULT_STREAM_MEMORY_MIB).
 
     Returns:
-        The RunResult (summary, history, run_dir, config, timings load_s/compile_s/train_s).
-        A diverged training (metrics.divergence_reason: NaN/inf loss, or a train-loss jump) still
-        writes its run, with summary.diverged set.
+        The RunResult (summary, history, run_dir, config, timings load_s/compile_s/train_s, and
+        read_s/wait_s when streamed). A diverged training (metrics.divergence_reason: NaN/inf loss,
+        or a train-loss jump) still writes its run, with summary.diverged set.
     """
-    from featcache.cache import load_features
+    from featcache.cache import read_meta
     from featcache.plots import plot_curves
 
     check_config(config)
-    t0 = time.perf_counter()
-    splits = {s: load_features(cache, s) for s in ("train", "val", "test")}
-    load_s = time.perf_counter() - t0
-    meta = splits["train"][2]
+    meta = read_meta(cache)
     class_names = list(meta["class_names"])
-    sizes = ", ".join(f"{len(splits[s][1])} {s}" for s in splits)
-    _say(progress, f"Loaded {sizes} rows of {meta['feature_dim']} {meta['model']} features in {load_s:.2f} s")
+    extra: dict = {}
+    if stream is None:
+        from featcache import stream as streaming
 
-    fit = fit_head(*[splits[s][:2] for s in ("train", "val", "test")], num_classes=len(class_names),
-                   config=config, class_names=class_names)
-    timings = {"load_s": load_s, **fit.timings}
+        stream = streaming.needs_streaming(meta)
+        if stream:
+            _say(progress, f"The features need about {streaming.in_memory_bytes(meta) / 2**30:.1f} GiB in memory, more "
+                           f"than the {streaming.memory_available() / 2**30:.1f} GiB available: streaming them from "
+                           "the file (--no-stream loads them anyway).")
+    if stream:
+        from featcache.cache import FeatureReader
+        from featcache.config import DEFAULT_STREAM_MEMORY_MIB
+        from featcache.stream import block_rows_for, fit_streamed
+
+        block_rows = block_rows_for(feature_dim=int(meta["feature_dim"]), batch_size=config.batch_size,
+                                    memory_mib=stream_memory_mib or DEFAULT_STREAM_MEMORY_MIB)
+        with FeatureReader(cache) as reader:
+            fit, extra["stream"] = fit_streamed(reader, config=config, block_rows=block_rows, progress=progress,
+                                                say=lambda message: _say(progress, message))
+        timings = dict(fit.timings)
+        waited = (f" (reading took {timings['read_s']:.2f} s in a thread beside it; training waited "
+                  f"{timings['wait_s']:.2f} s for it)")
+    else:
+        from featcache.cache import load_features
+
+        t0 = time.perf_counter()
+        splits = {s: load_features(cache, s) for s in ("train", "val", "test")}
+        load_s = time.perf_counter() - t0
+        sizes = ", ".join(f"{len(splits[s][1])} {s}" for s in splits)
+        _say(progress, f"Loaded {sizes} rows of {meta['feature_dim']} {meta['model']} features in {load_s:.2f} s")
+        fit = fit_head(*[splits[s][:2] for s in ("train", "val", "test")], num_classes=len(class_names),
+                       config=config, class_names=class_names)
+        timings, waited = {"load_s": load_s, **fit.timings}, ""
     _say(progress, f"Compiled in {fit.timings['compile_s']:.2f} s; trained {config.epochs} epochs "
-                   f"in {fit.timings['train_s']:.3f} s")
+                   f"in {fit.timings['train_s']:.3f} s{waited}")
     if fit.diverged:
         reasons = (metrics.divergence_reason(fit.history[:i], r, num_classes=len(class_names))
                    for i, r in enumerate(fit.history))
@@ -459,7 +552,7 @@ def train_head(*, cache: str | Path, config: TrainConfig, run_name: str | None =
                 selected=fit.selected)
     extra = {"weights": meta.get("weights"), "dataset_name": meta.get("dataset_name"),
              "feature_dim": meta.get("feature_dim"), "cache_dtype": meta.get("dtype"),
-             "rows": {s: int(len(splits[s][1])) for s in splits}}
+             "rows": {s: int(meta["splits"].get(s, 0)) for s in ("train", "val", "test")}, **extra}
     result = runs.finish_run(run_dir, mode="head", model=meta["model"], config=config, summary=fit.summary,
                              history=fit.history, timings=timings, versions=_versions(),
                              cache_key=meta.get("key"), cache_path=str(cache), extra=extra)

@@ -22,15 +22,16 @@ def gaussian_problem(num_classes: int, n=(70, 30, 30), dim=8, seed=0, shift=0.0)
     return out
 
 
-def write_cache(path: Path, splits: dict, class_names, *, model: str = "resnet18") -> Path:
-    """A complete cache file holding the given (features, labels) per split; paths <split>/<class>/imgNNN.png."""
+def write_cache(path: Path, splits: dict, class_names, *, model: str = "resnet18", dtype: str = "float32") -> Path:
+    """A complete cache file holding the given (features, labels) per split, stored as `dtype`; paths
+    <split>/<class>/imgNNN.png."""
     dim = next(iter(splits.values()))[0].shape[1]
     meta = {"key": "k" * 64, "model": model, "weights": "none", "weights_sha256": "", "transform": {"crop": 32},
             "class_names": list(class_names), "dataset_root": "/data", "dataset_name": "synthetic",
             "dataset_fingerprint": "f", "split_rule": {}, "versions": {}, "created": ""}
     rows = {s: SplitRows(labels=y, paths=[f"{s}/{class_names[c]}/img{i:03d}.png" for i, c in enumerate(y)])
             for s, (x, y) in splits.items()}
-    writer = CacheWriter(Path(path), meta=meta, feature_dim=dim, dtype="float32", splits=rows)
+    writer = CacheWriter(Path(path), meta=meta, feature_dim=dim, dtype=dtype, splits=rows)
     for s, (x, _) in splits.items():
-        writer.write(s, 0, x)
+        writer.write(s, 0, x.astype(dtype))
     return writer.finish()

@@ -28,7 +28,7 @@ def _python(code: str) -> subprocess.CompletedProcess:
 
 
 def test_head_and_what_it_imports_never_import_torch():
-    r = _python("import featcache.head, featcache.plots, sys; assert 'torch' not in sys.modules, 'torch imported'; "
+    r = _python("import featcache.head, featcache.stream, featcache.plots, sys; assert 'torch' not in sys.modules, 'torch imported'; "
                 "assert 'matplotlib' not in sys.modules, 'matplotlib imported at module level'")
     assert r.returncode == 0, r.stderr
 
@@ -259,8 +259,10 @@ META = {"class_names": ["normal", "pneumonia"], "model": "resnet18", "weights": 
 
 
 def _fake_cache(monkeypatch, data):
-    """featcache.cache.load_features answering from in-memory splits (cache.py has its own tests)."""
+    """featcache.cache.read_meta / load_features answering from in-memory splits (cache.py has its own tests)."""
     monkeypatch.setattr(featcache.cache, "load_features", lambda path, split: (*data[split], dict(META)))
+    monkeypatch.setattr(featcache.cache, "read_meta",
+                        lambda path: dict(META, splits={s: len(y) for s, (_, y) in data.items()}))
 
 
 def test_train_head_writes_a_finished_run(tmp_path, monkeypatch):
