@@ -36,6 +36,7 @@ import json
 import os
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -666,8 +667,16 @@ def non_finite_rows(features: np.ndarray) -> int:
 
 # --------------------------------------------------------------------------- read in pieces
 
-_GAP_BYTES = 64 * 1024  # rows closer than this in the file come in one read, the bytes between thrown away
-_READ_BYTES = 4 * 1024 * 1024  # the most one read takes (the reader's memory beyond the rows it returns)
+def _iov_max() -> int:
+    try:
+        return max(16, min(int(os.sysconf("SC_IOV_MAX")), 1024))
+    except (ValueError, OSError):
+        return 16
+
+
+_MAX_BUFFERS = _iov_max()  # buffers of one os.preadv call
+_READ_THREADS = 8  # os.preadv calls in flight for one large take()
+_ROWS_PER_THREAD = 1024  # a take() of fewer rows than this per thread uses fewer threads (one below 2048 rows)
 
 
 class FeatureReader:
@@ -675,11 +684,12 @@ class FeatureReader:
 
     `take(split, rows)` gives any rows in the order asked for, `read(split, start, stop)` a run of
     them. For an uncompressed dataset (what extract writes) h5py says where each chunk lies and the
-    rows are read with os.pread, rows that lie close together in one read (a random batch order
-    costs about one read per row, a block of consecutive rows one read per 4 MiB); a dataset
-    stored with HDF5 filters (another tool's compressed copy) goes through h5py's indexing: the
-    same values, slower. Thread-safe: featcache.stream reads the next block in a thread while
-    the head trains on this one.
+    rows are read with os.preadv straight into their places in the result, in file order, rows
+    that lie next to each other in the file in one call (reading through the gaps between nearby
+    rows was up to 5x slower here with the page cache cold), up to _READ_THREADS calls in flight for a
+    large take. A dataset stored with HDF5 filters (another tool's compressed copy) goes through
+    h5py's indexing: the same values, slower. Thread-safe: featcache.stream reads the next block
+    in a thread while the head trains on this one.
     """
 
     def __init__(self, path: str | Path):
@@ -687,6 +697,7 @@ class FeatureReader:
         self.meta = read_meta(self.path)  # CacheError for a partial, foreign or corrupt file
         self._file = h5py.File(self.path, "r")
         self._fd = os.open(self.path, os.O_RDONLY)
+        self._pool = ThreadPoolExecutor(max_workers=_READ_THREADS, thread_name_prefix="featcache-read")  # idle till used
         try:
             self._datasets = {s: self._file[s]["features"] for s in self.meta["splits"]}
             self._labels = {s: self._file[s]["labels"][...].astype(np.int64) for s in self._datasets}
@@ -713,6 +724,7 @@ class FeatureReader:
         self.close()
 
     def close(self) -> None:
+        self._pool.shutdown()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -730,7 +742,7 @@ class FeatureReader:
         return self._labels[split]
 
     def raw(self, split: str) -> bool:
-        """Whether `split` is read with os.pread (else through h5py)."""
+        """Whether `split` is read with os.preadv (else through h5py)."""
         return self._chunks[split] is not None
 
     def read(self, split: str, start: int, stop: int) -> np.ndarray:
@@ -760,27 +772,41 @@ class FeatureReader:
         chunk_rows, chunk_offsets = self._chunks[split]
         row_bytes = self.feature_dim * ds.dtype.itemsize
         out = np.empty((len(rows), self.feature_dim), dtype=ds.dtype)
-        if not rows.size:
+        if not out.size:
             return out
         offsets = chunk_offsets[rows // chunk_rows] + (rows % chunk_rows) * row_bytes  # (M,) file positions
-        order = np.argsort(offsets, kind="stable")
-        at = offsets[order]
-        gaps = at[1:] - at[:-1] - row_bytes
-        cuts = np.flatnonzero((gaps < 0) | (gaps > _GAP_BYTES) | (gaps % row_bytes != 0)
-                              | (at[1:] // _READ_BYTES != at[:-1] // _READ_BYTES)) + 1
-        for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(at)]):
-            start = int(at[lo])
-            length = int(at[hi - 1]) - start + row_bytes
-            data = os.pread(self._fd, length, start)
-            if len(data) != length:
-                raise CacheError(f"{self.path} is truncated; delete it and run featcache extract again.")
-            block = np.frombuffer(data, dtype=ds.dtype).reshape(-1, self.feature_dim)
-            out[order[lo:hi]] = block[(at[lo:hi] - start) // row_bytes]
+        order = np.argsort(offsets, kind="stable")  # rows by file position: forward through the file
+        dest = memoryview(out).cast("B")
+
+        def read(part: np.ndarray) -> None:  # rows `part` of `order`, each straight into its place in `out`
+            buffers: list[memoryview] = []
+            start = end = 0
+            for at, i in zip(offsets[part].tolist(), part.tolist()):
+                if buffers and (at != end or len(buffers) >= _MAX_BUFFERS):
+                    self._preadv(buffers, start)
+                    buffers = []
+                if not buffers:
+                    start = at
+                buffers.append(dest[i * row_bytes:(i + 1) * row_bytes])
+                end = at + row_bytes
+            if buffers:
+                self._preadv(buffers, start)
+
+        threads = min(_READ_THREADS, len(order) // _ROWS_PER_THREAD)
+        if threads < 2:
+            read(order)
+        else:  # several reads in flight: a disk answers them together (3x faster cold here with 8)
+            list(self._pool.map(read, np.array_split(order, threads)))
         return out
+
+    def _preadv(self, buffers: list[memoryview], start: int) -> None:
+        want = sum(len(b) for b in buffers)
+        if os.preadv(self._fd, buffers, start) != want:
+            raise CacheError(f"{self.path} is truncated; delete it and run featcache extract again.")
 
 
 def _chunk_offsets(ds: h5py.Dataset) -> tuple[int, np.ndarray] | None:
-    """(rows per chunk, (chunks,) int64 file offset of each) of a dataset os.pread can read, else None.
+    """(rows per chunk, (chunks,) int64 file offset of each) of a dataset os.preadv can read, else None.
 
     None for anything but plain little-endian floats stored without filters and allocated in full.
     """

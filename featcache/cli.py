@@ -365,8 +365,9 @@ def cache_verify(file):
               help="Read the train rows from the cache a block at a time in batch order instead of loading every "
                    "split: for caches larger than memory; the same results.  [default: only when loading would "
                    "not fit in the memory available]")
-@click.option("--stream-memory", type=click.IntRange(16), default=DEFAULT_STREAM_MEMORY_MIB, show_default=True,
-              metavar="MIB", help="Memory for the streamed blocks of features (bigger blocks, fewer reads).")
+@click.option("--stream-memory", type=click.IntRange(16), default=None, metavar="MIB",
+              help="Memory for the streamed blocks of features (bigger blocks, fewer reads).  "
+                   f"[default: {DEFAULT_STREAM_MEMORY_MIB}, or a quarter of the memory available when less]")
 @click.option("--run-name", default=None, help="Run directory name (default <time>-head-<model>).")
 def head_train(cache_file, model, data, val_fraction, test_fraction, split_seed, weights, image_size, dtype,
                cache_dir, seeds, solver, l2s, standardize, stream, stream_memory, run_name, **kwargs):

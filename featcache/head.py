@@ -490,7 +490,7 @@ def train_head(*, cache: str | Path, config: TrainConfig, run_name: str | None =
         stream: True = read the train rows from the file block by block in plan order
             (featcache.stream), never loading the features whole; False = load every split;
             None = stream only when loading would not fit in the memory available now.
-        stream_memory_mib: memory for the streamed blocks (default config.DEFAULT_STREAM_MEMORY_MIB).
+        stream_memory_mib: memory for the streamed blocks; None = stream.block_memory_mib().
 
     Returns:
         The RunResult (summary, history, run_dir, config, timings load_s/compile_s/train_s, and
@@ -514,11 +514,10 @@ def train_head(*, cache: str | Path, config: TrainConfig, run_name: str | None =
                            "the file (--no-stream loads them anyway).")
     if stream:
         from featcache.cache import FeatureReader
-        from featcache.config import DEFAULT_STREAM_MEMORY_MIB
-        from featcache.stream import block_rows_for, fit_streamed
+        from featcache.stream import block_memory_mib, block_rows_for, fit_streamed
 
         block_rows = block_rows_for(feature_dim=int(meta["feature_dim"]), batch_size=config.batch_size,
-                                    memory_mib=stream_memory_mib or DEFAULT_STREAM_MEMORY_MIB)
+                                    memory_mib=stream_memory_mib or block_memory_mib())
         with FeatureReader(cache) as reader:
             fit, extra["stream"] = fit_streamed(reader, config=config, block_rows=block_rows, progress=progress,
                                                 say=lambda message: _say(progress, message))

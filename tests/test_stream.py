@@ -64,25 +64,37 @@ def test_reader_takes_any_rows_in_the_order_asked(tmp_path, dtype):
             reader.take("train", np.array([700]))
 
 
-def test_reader_merges_and_splits_reads_by_file_position(tmp_path, monkeypatch):
-    path, _ = _cache(tmp_path, n=(700, 40, 30), dim=20)
+def test_reader_reads_a_large_take_in_several_threads(tmp_path):
+    path, _ = _cache(tmp_path, num_classes=2, n=(9000, 10, 10), dim=8)
+    x = load_features(path, "train")[0]
+    rows = np.random.default_rng(4).permutation(9000)
+    with FeatureReader(path) as reader:
+        assert np.array_equal(reader.take("train", rows), x[rows])
+        readers = [t for t in threading.enumerate() if t.name.startswith("featcache-read")]
+        assert len(readers) >= 2  # 9000 rows: 8 threads of 1125
+    assert not [t for t in threading.enumerate() if t.name.startswith("featcache-read")]  # closed with the reader
+
+
+def test_reader_reads_neighbours_in_one_call_in_file_order(tmp_path, monkeypatch):
+    path, _ = _cache(tmp_path, n=(700, 40, 30), dim=20)  # a row is 80 bytes
     x = load_features(path, "train")[0]
     rows = np.random.default_rng(2).permutation(700)[:300]
-    reads = []
-    real_pread = cache_module.os.pread
-    monkeypatch.setattr(cache_module.os, "pread", lambda fd, n, at: (reads.append(n), real_pread(fd, n, at))[1])
+    calls = []
+    real_preadv = cache_module.os.preadv
+    monkeypatch.setattr(cache_module.os, "preadv",
+                        lambda fd, buffers, at: (calls.append((at, len(buffers))), real_preadv(fd, buffers, at))[1])
+    runs = len(np.flatnonzero(np.diff(np.sort(rows)) != 1)) + 1  # runs of consecutive rows
     with FeatureReader(path) as reader:
-        for gap, most in ((0, 1 << 30), (10 * 80, 1 << 30), (1 << 20, 4096)):  # row = 80 bytes
-            monkeypatch.setattr(cache_module, "_GAP_BYTES", gap)
-            monkeypatch.setattr(cache_module, "_READ_BYTES", most)
-            reads.clear()
-            assert np.array_equal(reader.take("train", rows), x[rows]), (gap, most)
-            if gap == 0:  # only adjacent rows share a read
-                assert len(reads) == len(np.flatnonzero(np.diff(np.sort(rows)) != 1)) + 1
-            elif most == 4096:  # every read stays within one 4 KiB window (plus the row that starts in it)
-                assert max(reads) <= 4096 + 80 and len(reads) >= 700 * 80 // 4096
-            else:  # gaps of up to 10 rows are read through: far fewer reads than rows
-                assert len(reads) < len(rows) // 3
+        for most in (1024, 4):
+            monkeypatch.setattr(cache_module, "_MAX_BUFFERS", most)
+            calls.clear()
+            assert np.array_equal(reader.take("train", rows), x[rows]), most
+            assert [at for at, _ in calls] == sorted(at for at, _ in calls)  # one pass forward through the file
+            assert max(n for _, n in calls) <= most and sum(n for _, n in calls) == 300
+            if most == 1024:  # the file's chunks lie back to back: one call per run
+                assert len(calls) == runs
+            else:
+                assert len(calls) >= 300 // 4 and len(calls) > runs
 
 
 def test_reader_falls_back_to_h5py_for_compressed_features(tmp_path):
@@ -151,13 +163,12 @@ def test_streamed_fit_equals_in_memory_fit(tmp_path, case, blocks):
     assert set(streamed.timings) == {"load_s", "compile_s", "train_s", "read_s", "wait_s"}
 
 
-def test_streaming_never_holds_the_features_whole(tmp_path, monkeypatch):
-    """What Python allocates (numpy's arrays included: tracemalloc sees them) stays near a few blocks, one read
-    and JAX's tracing, far below the features; loading the split, the control, is seen as what it is."""
+def test_streaming_never_holds_the_features_whole(tmp_path):
+    """What Python allocates (numpy's arrays included: tracemalloc sees them) stays near a few blocks and
+    JAX's tracing, far below the features; loading the split, the control, is seen as what it is."""
     path, _ = _cache(tmp_path, num_classes=2, n=(16384, 64, 64), dim=256)
     config = TrainConfig(epochs=2, batch_size=64)
     features = 16384 * 256 * 4  # 16 MiB of train features
-    monkeypatch.setattr(cache_module, "_READ_BYTES", 256 * 1024)  # reads of at most 256 KiB
     with FeatureReader(path) as reader:
         stream.fit_streamed(reader, config=TrainConfig(epochs=1, batch_size=64), block_rows=256)  # JAX's imports
         tracemalloc.start()
@@ -204,10 +215,44 @@ def test_nan_features_are_refused_before_training(tmp_path):
     assert str(streamed.value) == str(in_memory.value) and "1 of 57 rows of val" in str(streamed.value)
 
 
+def _fake_system(tmp_path, cgroup_line: str, files: dict[str, str]) -> dict:
+    (tmp_path / "proc" / "self").mkdir(parents=True)
+    (tmp_path / "proc" / "meminfo").write_text("MemTotal:       24000000 kB\nMemAvailable:   20000000 kB\n")
+    (tmp_path / "proc" / "self" / "cgroup").write_text(cgroup_line + "\n")
+    for name, text in files.items():
+        (tmp_path / "cg" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "cg" / name).write_text(text)
+    return {"proc": str(tmp_path / "proc"), "cgroup_root": str(tmp_path / "cg")}
+
+
+def test_memory_available_is_the_tighter_of_the_system_and_the_cgroup_limit(tmp_path):
+    mib = 2**20
+    v1 = _fake_system(tmp_path / "v1", "4:memory:/slurm/job7\n1:cpu:/", {
+        "memory/slurm/job7/memory.limit_in_bytes": str(1024 * mib),
+        "memory/slurm/job7/memory.usage_in_bytes": str(600 * mib),
+        "memory/slurm/job7/memory.stat": f"cache {100 * mib}\ntotal_cache {200 * mib}\n",
+        "memory/slurm/memory.limit_in_bytes": "9223372036854771712",  # a parent without a limit
+        "memory/memory.limit_in_bytes": "9223372036854771712"})
+    assert stream.memory_available(**v1) == (1024 - 400) * mib  # page cache counted as free
+    v2 = _fake_system(tmp_path / "v2", "0::/user.slice/job", {
+        "user.slice/job/memory.max": "max",
+        "user.slice/job/memory.current": str(50 * mib),
+        "user.slice/memory.max": str(512 * mib),  # the limit sits on the parent
+        "user.slice/memory.current": str(300 * mib),
+        "user.slice/memory.stat": f"anon {250 * mib}\nfile {50 * mib}\n"})
+    assert stream.memory_available(**v2) == (512 - 250) * mib
+    free = _fake_system(tmp_path / "none", "0::/", {"memory.max": "max"})
+    assert stream.memory_available(**free) == 20000000 * 1024  # no limit: MemAvailable
+    assert stream.memory_available(proc=str(tmp_path / "nowhere"), cgroup_root=str(tmp_path / "nowhere")) is None
+
+
 def test_block_rows_fit_the_memory_and_the_batch():
     assert stream.block_rows_for(feature_dim=512, batch_size=32, memory_mib=1024) == 131072  # 4 x 256 MiB
     assert stream.block_rows_for(feature_dim=2048, batch_size=24, memory_mib=100) == 3192  # a multiple of 24
     assert stream.block_rows_for(feature_dim=10**7, batch_size=32, memory_mib=16) == 32  # at least one batch
+    assert stream.block_memory_mib(available=64 * 2**30) == 1024
+    assert stream.block_memory_mib(available=600 * 2**20) == 150  # a quarter of what is left
+    assert stream.block_memory_mib(available=2**20) == 16
 
 
 # ---------------------------------------------------------------- train_head and the command line
