@@ -709,13 +709,16 @@ class FeatureReader:
                     self._chunks[split] = None
         except Exception:
             self.close()
-            raise CacheError(f"{self.path} cannot be read (corrupt or truncated); delete it and run featcache "
-                             "extract again.") from None
+            raise self._unreadable() from None
         missing = [split for split, ok in done.items() if not ok]
         if missing:
             self.close()
             raise CacheError(f"{self.path} is missing rows of {missing[0]}; delete it and run featcache extract "
                              "again.")
+
+    def _unreadable(self) -> CacheError:
+        return CacheError(f"{self.path} cannot be read (corrupt or truncated); delete it and run featcache extract "
+                          "again.")
 
     def __enter__(self) -> "FeatureReader":
         return self
@@ -747,7 +750,12 @@ class FeatureReader:
 
     def read(self, split: str, start: int, stop: int) -> np.ndarray:
         """Rows start..stop-1 of a split's features (M, D) in the file's dtype."""
-        return self.take(split, np.arange(start, stop, dtype=np.int64))
+        if self._chunks[split] is not None or not 0 <= start <= stop <= self.rows(split):
+            return self.take(split, np.arange(start, stop, dtype=np.int64))
+        try:  # h5py reads a slice far faster than the same rows as a list
+            return self._datasets[split][start:stop]
+        except (OSError, ValueError):
+            raise self._unreadable() from None
 
     def take(self, split: str, rows: np.ndarray) -> np.ndarray:
         """The features (len(rows), D) of the given rows, in that order, in the file's dtype."""
@@ -764,8 +772,7 @@ class FeatureReader:
         except CacheError:
             raise
         except (OSError, ValueError):
-            raise CacheError(f"{self.path} cannot be read (corrupt or truncated); delete it and run featcache "
-                             "extract again.") from None
+            raise self._unreadable() from None
 
     def _pread(self, split: str, rows: np.ndarray) -> np.ndarray:
         ds = self._datasets[split]

@@ -490,7 +490,8 @@ def train_head(*, cache: str | Path, config: TrainConfig, run_name: str | None =
         stream: True = read the train rows from the file block by block in plan order
             (featcache.stream), never loading the features whole; False = load every split;
             None = stream only when loading would not fit in the memory available now.
-        stream_memory_mib: memory for the streamed blocks; None = stream.block_memory_mib().
+        stream_memory_mib: memory for the streamed blocks; None = stream.block_memory_mib (1024 MiB or
+            a quarter of the memory available).
 
     Returns:
         The RunResult (summary, history, run_dir, config, timings load_s/compile_s/train_s, and
@@ -504,20 +505,23 @@ def train_head(*, cache: str | Path, config: TrainConfig, run_name: str | None =
     meta = read_meta(cache)
     class_names = list(meta["class_names"])
     extra: dict = {}
-    if stream is None:
+    available = None
+    if stream is None or (stream and stream_memory_mib is None):
         from featcache import stream as streaming
 
-        stream = streaming.needs_streaming(meta)
+        available = streaming.memory_available()
+    if stream is None:
+        stream = streaming.needs_streaming(meta, available)
         if stream:
             _say(progress, f"The features need about {streaming.in_memory_bytes(meta) / 2**30:.1f} GiB in memory, more "
-                           f"than the {streaming.memory_available() / 2**30:.1f} GiB available: streaming them from "
+                           f"than the {available / 2**30:.1f} GiB available: streaming them from "
                            "the file (--no-stream loads them anyway).")
     if stream:
         from featcache.cache import FeatureReader
         from featcache.stream import block_memory_mib, block_rows_for, fit_streamed
 
         block_rows = block_rows_for(feature_dim=int(meta["feature_dim"]), batch_size=config.batch_size,
-                                    memory_mib=stream_memory_mib or block_memory_mib())
+                                    memory_mib=stream_memory_mib or block_memory_mib(available))
         with FeatureReader(cache) as reader:
             fit, extra["stream"] = fit_streamed(reader, config=config, block_rows=block_rows, progress=progress,
                                                 say=lambda message: _say(progress, message))

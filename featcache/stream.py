@@ -49,10 +49,9 @@ def block_rows_for(*, feature_dim: int, batch_size: int, memory_mib: int) -> int
     return max(batch_size, fit // batch_size * batch_size)
 
 
-def block_memory_mib(available: int | None = None) -> int:
-    """The default memory for streamed blocks: DEFAULT_STREAM_MEMORY_MIB, or a quarter of the memory available
-    when that is less (at least 16 MiB)."""
-    available = memory_available() if available is None else available
+def block_memory_mib(available: int | None) -> int:
+    """The default memory for streamed blocks: DEFAULT_STREAM_MEMORY_MIB, or a quarter of the memory
+    `available` (bytes, from memory_available; None = unknown) when that is less (at least 16 MiB)."""
     if available is None:
         return DEFAULT_STREAM_MEMORY_MIB
     return max(16, min(DEFAULT_STREAM_MEMORY_MIB, available // 4 // 2**20))
@@ -132,9 +131,8 @@ def in_memory_bytes(meta: dict) -> int:
     return sum(meta["splits"].values()) * int(meta["feature_dim"]) * 4 * IN_MEMORY_COPIES
 
 
-def needs_streaming(meta: dict, available: int | None = None) -> bool:
-    """Whether in-memory head-train would not fit in the memory available now (unknown memory: no)."""
-    available = memory_available() if available is None else available
+def needs_streaming(meta: dict, available: int | None) -> bool:
+    """Whether in-memory head-train would not fit in the memory `available` (bytes; None = unknown: no)."""
     return available is not None and in_memory_bytes(meta) > available
 
 
@@ -228,14 +226,25 @@ def fit_streamed(reader: FeatureReader, *, config: TrainConfig, block_rows: int,
         for a in range(0, n, block_rows):
             yield np.asarray(reader.read(split, a, min(a + block_rows, n)), dtype=np.float32)
 
+    bad: dict[str, int] = {}
+
+    def checked(split: str) -> Iterator[np.ndarray]:  # blocks(split), counting the rows with NaN or inf
+        bad[split] = 0
+        for x in blocks(split):
+            bad[split] += non_finite_rows(x)
+            yield x
+
     t0 = time.perf_counter()
-    for split in SPLITS:
-        bad = sum(non_finite_rows(x) for x in blocks(split))
-        if bad:
-            raise non_finite_error(reader.path, split, bad, reader.rows(split))
     mean = std = None
-    if config.standardize:
-        mean, std = blockwise_standardization(lambda: blocks("train"))
+    if config.standardize:  # its first pass over train is the check's: one sequential read less
+        passes = iter([checked("train"), blocks("train")])
+        mean, std = blockwise_standardization(lambda: next(passes))
+    for split in SPLITS:
+        if split not in bad:
+            for _ in checked(split):
+                pass
+        if bad[split]:
+            raise non_finite_error(reader.path, split, bad[split], reader.rows(split))
 
     def prepared(x: np.ndarray) -> np.ndarray:  # the rule of head.prepare_data
         x = np.ascontiguousarray(x, dtype=np.float32)

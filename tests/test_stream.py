@@ -105,6 +105,7 @@ def test_reader_falls_back_to_h5py_for_compressed_features(tmp_path):
         assert raw.raw("train") and not fallback.raw("train")
         assert np.array_equal(fallback.take("train", rows), raw.take("train", rows))
         assert np.array_equal(fallback.take("train", np.r_[rows[:3], rows[:3]]), raw.take("train", np.r_[rows[:3], rows[:3]]))
+        assert np.array_equal(fallback.read("train", 17, 290), raw.read("train", 17, 290))  # a slice through h5py
 
 
 def test_reader_refuses_partial_and_truncated_files(tmp_path):
@@ -204,15 +205,17 @@ def test_a_failing_read_stops_the_training_and_its_thread(tmp_path, monkeypatch)
     assert not [t for t in threading.enumerate() if t.name == "featcache-stream-reader"]
 
 
-def test_nan_features_are_refused_before_training(tmp_path):
+@pytest.mark.parametrize("split, standardize", [("val", False), ("train", True)])
+def test_nan_features_are_refused_before_training(tmp_path, split, standardize):
     path, _ = _cache(tmp_path)
     with h5py.File(path, "r+") as f:
-        f["val"]["features"][7, 3] = np.nan
+        f[split]["features"][7, 3] = np.nan
     with pytest.raises(CacheError) as in_memory:
-        load_features(path, "val")
+        load_features(path, split)
     with FeatureReader(path) as reader, pytest.raises(CacheError) as streamed:
-        stream.fit_streamed(reader, config=TrainConfig(epochs=1), block_rows=32)
-    assert str(streamed.value) == str(in_memory.value) and "1 of 57 rows of val" in str(streamed.value)
+        stream.fit_streamed(reader, config=TrainConfig(epochs=1, standardize=standardize), block_rows=32)
+    rows = {"train": 203, "val": 57}[split]
+    assert str(streamed.value) == str(in_memory.value) and f"1 of {rows} rows of {split}" in str(streamed.value)
 
 
 def _fake_system(tmp_path, cgroup_line: str, files: dict[str, str]) -> dict:
