@@ -83,7 +83,7 @@ def forward_rate(net, sizes: list[int], image_size: int, *, warmup: int = 2) -> 
 
 def extraction_rate(config) -> tuple[float, str]:
     """Images/s that extract logs for `config` (a fresh cache dir: a real extraction), and its log line."""
-    from featcache.extract import extract
+    from featcache.extraction import extract
 
     lines: list[str] = []
     extract(config, progress=False, log=lines.append)
@@ -111,7 +111,8 @@ def main() -> None:
 
     from featcache.backbones import build_backbone
     from featcache.config import DataConfig, ExtractConfig
-    from featcache.extract import default_num_workers, plan_extraction
+    from featcache.environment import default_num_workers
+    from featcache.extraction import plan_extraction
 
     with tempfile.TemporaryDirectory(prefix="featcache-extract-bench-") as tmp:
         tmp = Path(tmp)

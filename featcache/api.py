@@ -6,13 +6,11 @@ torch nor jax; see featcache/__init__.py for an example session.
 
 from __future__ import annotations
 
-import types
 from dataclasses import fields
 from pathlib import Path
-from typing import Callable
 
 __all__ = ["extract", "load_features", "train_head", "finetune", "report", "export", "load_model", "predict",
-           "train_grid", "train_ridge", "finetune_seeds", "shift_check", "make_module_callable"]
+           "train_grid", "train_ridge", "finetune_seeds", "shift_check"]
 
 
 def _split_kwargs(cls, kwargs: dict) -> dict:
@@ -33,7 +31,7 @@ def extract(*, model: str, data: str | Path, progress: bool = False, **options) 
     batch_size, val_fraction, ...). Returns the path of the complete cache file.
     """
     from featcache.config import ExtractConfig
-    from featcache.extract import extract as _extract
+    from featcache.extraction import extract as _extract
 
     data_config = _data_config(data, options)
     config = ExtractConfig(model=model, data=data_config, **_split_kwargs(ExtractConfig, options))
@@ -71,7 +69,7 @@ def finetune(*, model: str, data: str | Path, resume: str | Path | None = None, 
     Options are the fields of FinetuneConfig, DataConfig and TrainConfig.
     """
     from featcache.config import FinetuneConfig, TrainConfig
-    from featcache.finetune import finetune as _finetune
+    from featcache.finetuning import finetune as _finetune
 
     data_config = _data_config(data, options)
     train = TrainConfig(**_split_kwargs(TrainConfig, options))
@@ -82,7 +80,7 @@ def finetune(*, model: str, data: str | Path, resume: str | Path | None = None, 
 
 def report(runs, *, format: str = "table", figure: str | Path | None = None) -> str:
     """Runs (RunResult objects or run directories) side by side; returns the text that `featcache report` prints."""
-    from featcache.report import compare_runs
+    from featcache.reporting import compare_runs
 
     return compare_runs(runs, format=format, figure=figure)
 
@@ -95,7 +93,7 @@ def export(run_dir: str | Path, *, out: str | Path | None = None, format: str = 
     format "torchscript" or "state-dict"; out None = RUN_DIR/model.pt. weights: the file a head run's cache
     was extracted from, when it was a file. Returns an ExportResult (path, max_abs_diff, ...).
     """
-    from featcache.export import export as _export
+    from featcache.exporting import export as _export
 
     return _export(run_dir, out=out, format=format, weights=weights, cache=cache, data_root=data_root,
                    atol=atol, log=lambda _: None)
@@ -103,7 +101,7 @@ def export(run_dir: str | Path, *, out: str | Path | None = None, format: str = 
 
 def load_model(path: str | Path):
     """A model written by `featcache export`: images (N, 3, S, S) -> logits, with .class_names and .transform."""
-    from featcache.export import load_model as _load
+    from featcache.exporting import load_model as _load
 
     return _load(path)
 
@@ -115,7 +113,7 @@ def predict(model, images, *, batch_size: int = 64, num_workers: int = -1, devic
     Returns Predictions: .rows (path, predicted class, probability per class), .failed (path, reason)
     of unreadable images, .class_names, .logits. Use num_workers=0 in a process that has loaded JAX.
     """
-    from featcache.predict import predict as _predict
+    from featcache.prediction import predict as _predict
 
     return _predict(model, images, batch_size=batch_size, num_workers=num_workers, device=device,
                     weights=weights, progress=progress)
@@ -163,7 +161,7 @@ def finetune_seeds(*, model: str, data: str | Path, seeds: int, progress: bool =
     import dataclasses
 
     from featcache.config import FinetuneConfig, TrainConfig
-    from featcache.finetune import finetune as _finetune
+    from featcache.finetuning import finetune as _finetune
 
     data_config = _data_config(data, options)
     train = TrainConfig(**_split_kwargs(TrainConfig, options))
@@ -191,19 +189,3 @@ def shift_check(*, cache: str | Path | None = None, between=None, split: str = "
 def _reject_unknown(options: dict) -> None:
     if options:
         raise TypeError(f"unknown option(s): {', '.join(sorted(options))}")
-
-
-def make_module_callable(module: types.ModuleType, function: Callable) -> None:
-    """Make `module(...)` call `function(...)`.
-
-    featcache.extract, featcache.finetune, featcache.report, featcache.export and featcache.predict
-    are both submodules (DESIGN.md's layout) and API functions; importing a submodule sets the
-    package attribute to the module, so the module itself must be callable for `featcache.extract(...)`
-    to work in any import order.
-    """
-    class CallableModule(types.ModuleType):
-        def __call__(self, *args, **kwargs):
-            return function(*args, **kwargs)
-
-    CallableModule.__call__.__doc__ = function.__doc__
-    module.__class__ = CallableModule

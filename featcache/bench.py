@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from featcache.config import BenchConfig
+from featcache.environment import library_versions
 from featcache.errors import UserError
 
 SCHEMA = "featcache-bench/1"
@@ -137,7 +138,7 @@ def run_bench(config: BenchConfig, *, command: str = "", log: Log = print) -> tu
         "settings": {**dataclasses.asdict(config), "image_size_note":
                      "None = each model's native crop (224)" if config.image_size is None else ""},
         "machine": _machine(config.device, load_before),
-        "versions": _versions(),
+        "versions": library_versions(),
         "data": {"name": config.data, "counts": counts, "n": sum(counts.values()),
                  "scale_images": {str(f): f * sum(counts.values()) for f in config.scale_factors}},
         "models": models,
@@ -377,20 +378,6 @@ def _machine(device: str, load_before) -> dict:
         "load_avg_before": load_before, "load_avg_after": _loadavg(),
         "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "XLA_FLAGS") if k in os.environ},
     }
-
-
-def _versions() -> dict:
-    from featcache.extract import library_versions
-
-    versions = library_versions()
-    import importlib.metadata
-
-    for pkg in ("jaxlib",):
-        try:
-            versions[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return versions
 
 
 # --------------------------------------------------------------------------- figures from the times

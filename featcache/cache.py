@@ -46,6 +46,7 @@ import h5py
 import numpy as np
 
 from featcache.errors import CacheError, LockedError, NoSpaceError, out_of_space
+from featcache.files import fsync_dir
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -333,7 +334,7 @@ class CacheWriter:
             self._file.attrs["created"] = _now()
             self._file.close()
             os.replace(self.partial, self.final)
-        _fsync_dir(self.final.parent)
+        fsync_dir(self.final.parent)
         return self.final
 
     def _copy_without_failed(self, skipped: Sequence[tuple[str, str, str]]) -> Path:
@@ -394,14 +395,6 @@ def _create_allocated(group: h5py.Group, name: str, shape: tuple, dtype: np.dtyp
     space = h5py.h5s.create_simple(shape)
     tid = h5py.h5t.py_create(dtype, logical=True)
     h5py.h5d.create(group.id, name.encode(), tid, space, dcpl=dcpl)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- shards (several processes)

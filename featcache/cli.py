@@ -221,7 +221,7 @@ def models():
       featcache models
     """
     from featcache.backbones import describe_registry
-    from featcache.report import print_table
+    from featcache.reporting import print_table
 
     rows = describe_registry()
     print_table(rows, title="Backbones (featcache extract --model NAME)")
@@ -277,7 +277,7 @@ def extract(models_, data_config, weights, image_size, dtype, cache_dir, batch_s
       featcache extract --model resnet50 --data ./chest_xray --device cuda --nproc 4
       torchrun --nproc-per-node 4 -m featcache extract --model resnet50 --data ./chest_xray --device cuda
     """
-    from featcache.extract import extract as run_extract, find_cache
+    from featcache.extraction import extract as run_extract, find_cache
 
     configs = [ExtractConfig(model=model, data=data_config, weights=weights, image_size=image_size,
                              batch_size=batch_size, num_workers=num_workers, dtype=dtype, device=device,
@@ -303,8 +303,8 @@ def cache_ls(cache_dir):
       featcache cache ls --cache-dir cache
     """
     from featcache.cache import list_caches
-    from featcache.extract import dataset_changed
-    from featcache.report import print_table
+    from featcache.extraction import dataset_changed
+    from featcache.reporting import print_table
 
     rows = [{
         "dataset": r["dataset"], "model": r.get("model") or "?", "weights": r.get("weights") or "?",
@@ -389,7 +389,7 @@ def head_train(cache_file, model, data, val_fraction, test_fraction, split_seed,
       featcache head-train --cache FILE --solver ridge --standardize
       featcache head-train --cache FILE --stream --stream-memory 2048
     """
-    from featcache.report import print_summary
+    from featcache.reporting import print_summary
 
     lrs, weight_decays = kwargs.pop("lr"), kwargs.pop("weight_decay")
     config = _train_config(dict(kwargs, lr=lrs[0], weight_decay=weight_decays[0]), standardize=standardize)
@@ -439,7 +439,7 @@ def _divergence(result) -> str:
 
 def _find_cache(model, data, data_config, *, weights, image_size, dtype, cache_dir) -> str:
     """The cache file of (model, data, weights, ...) by key, or a UserError saying how to create it."""
-    from featcache.extract import find_cache
+    from featcache.extraction import find_cache
 
     if not model or not data:
         raise UserError("Give --cache FILE, or --model and --data to find the cache by key.")
@@ -497,7 +497,7 @@ def finetune(model, data_config, weights, image_size, augment, freeze_backbone, 
     from featcache.config import FinetuneConfig
     from featcache.distributed import check_finetune_launch, rank
     from featcache.errors import DivergedError
-    from featcache.report import compare_runs, print_summary
+    from featcache.reporting import compare_runs, print_summary
 
     train = _train_config(kwargs)
     if resume is not None and seeds > 1:
@@ -509,7 +509,7 @@ def finetune(model, data_config, weights, image_size, augment, freeze_backbone, 
         if resume is None:
             check_finetune_launch(config, train, nproc=nproc)  # user errors here, once, not in N processes
         return _launch(click.get_current_context(), nproc=nproc, max_restarts=max_restarts)
-    from featcache.finetune import finetune as run_finetune
+    from featcache.finetuning import finetune as run_finetune
 
     echo = click.echo if rank() == 0 else (lambda *_, **__: None)  # under torchrun rank 0 reports
     results = []
@@ -544,7 +544,7 @@ def report(run_dirs, fmt, figure):
       featcache report runs/*
       featcache report runs/*-head-resnet18 runs/*-frozen-resnet18 --format markdown
     """
-    from featcache.report import compare_runs
+    from featcache.reporting import compare_runs
 
     click.echo(compare_runs(run_dirs, format=fmt, figure=figure or None), nl=False)
     if figure:
@@ -619,10 +619,10 @@ def demo(model, weights, image_size, epochs, finetune_epochs, lr, cache_dir, run
 
     from featcache.config import FinetuneConfig
     from featcache.datasets import resolve_data_root
-    from featcache.extract import extract as run_extract
-    from featcache.finetune import finetune as run_finetune
+    from featcache.extraction import extract as run_extract
+    from featcache.finetuning import finetune as run_finetune
     from featcache.head import train_head
-    from featcache.report import compare_runs, print_summary
+    from featcache.reporting import compare_runs, print_summary
 
     root = resolve_data_root("demo", cache_dir=cache_dir)
     click.echo(f"== demo dataset: {root}")
@@ -653,8 +653,8 @@ def demo(model, weights, image_size, epochs, finetune_epochs, lr, cache_dir, run
                f"{head.summary.test_acc:.4f} vs {frozen.summary.test_acc:.4f}")
     click.echo(f"figure: {figure}")
     click.echo("\n== 6. export the best demo model (the head-train run) and predict the demo test images")
-    from featcache.export import export as run_export
-    from featcache.predict import predict as run_predict
+    from featcache.exporting import export as run_export
+    from featcache.prediction import predict as run_predict
 
     exported = run_export(head.run_dir, out=Path(runs_dir) / "demo-model.pt", log=click.echo)
     predictions = run_predict(exported.path, root / "test", num_workers=0)  # JAX is loaded: no forked workers
@@ -766,7 +766,7 @@ def export(run_dir, out, fmt, weights, cache_file, data_root, atol):
       featcache export runs/20261130-101500-finetune-resnet18 --out model-sd.pt --format state-dict
       python -c "import torch; model = torch.jit.load('model.pt')"   # no featcache needed
     """
-    from featcache.export import export as run_export
+    from featcache.exporting import export as run_export
 
     run_export(run_dir, out=out, format=fmt, weights=weights, cache=cache_file, data_root=data_root, atol=atol,
                log=click.echo)
@@ -796,8 +796,8 @@ def predict(inputs, model_file, out, batch_size, num_workers, device, weights, q
       featcache predict --model-file model.pt ./new_images --out predictions.csv
       featcache predict runs/20261130-101500-head-resnet18 scan1.png scan2.png
     """
-    from featcache.predict import predict as run_predict
-    from featcache.runs import atomic_write_bytes
+    from featcache.prediction import predict as run_predict
+    from featcache.files import atomic_write_bytes
 
     if model_file is None:
         if len(inputs) < 2:

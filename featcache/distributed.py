@@ -328,7 +328,7 @@ def extract(plan, *, progress: bool, log: Callable[[str], None]) -> Path:
     Returns:
         The path of the complete cache file, on every rank.
     """
-    from featcache import extract as fx
+    from featcache import extraction as fx
 
     config = plan.config
     group = join(cuda=False)  # the shards meet on disk: gloo's small CPU collectives are all this needs
@@ -393,7 +393,7 @@ class _GroupShardWriter(cache.ShardWriter):
             every_skipped = cache.shards_skipped(shards, self._cache["splits"])
             if every_skipped:  # beside the cache before it is in place, as one process does it
                 from featcache.datasets import failures_csv
-                from featcache.runs import atomic_write_bytes
+                from featcache.files import atomic_write_bytes
 
                 atomic_write_bytes(cache.failures_path(self.final), failures_csv(every_skipped).encode())
             t0 = time.perf_counter()

@@ -508,8 +508,9 @@ def train_head(*, cache: str | Path, config: TrainConfig, run_name: str | None =
     available = None
     if stream is None or (stream and stream_memory_mib is None):
         from featcache import stream as streaming
+        from featcache.environment import memory_available
 
-        available = streaming.memory_available()
+        available = memory_available()
     if stream is None:
         stream = streaming.needs_streaming(meta, available)
         if stream:

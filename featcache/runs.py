@@ -18,18 +18,17 @@ import csv
 import dataclasses
 import io
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import BinaryIO, Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from featcache.config import TrainConfig
-from featcache.errors import NoSpaceError, UserError, out_of_space
+from featcache.errors import UserError
+from featcache.files import atomic_write_bytes
 from featcache.metrics import EpochRecord, RunSummary
 
 MODES = ("head", "finetune", "frozen")
@@ -59,34 +58,6 @@ class RunResult:
     @property
     def diverged(self) -> bool:
         return self.summary.diverged
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` so that a reader sees the old file or the whole new one, never a part."""
-    atomic_write(path, lambda f: f.write(data))
-
-
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
-    """Call `write(file)` on a temporary file beside `path`, then rename it into place (atomic_write_bytes).
-
-    A full disk is a NoSpaceError naming `path`; the temporary file is removed and the old `path`,
-    if any, is left as it was.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        reason = out_of_space(exc)
-        if reason:
-            raise NoSpaceError(path, reason, f"free space in {path.parent} and run the command again "
-                               f"(any earlier {path.name} is unchanged).") from None
-        raise
 
 
 def new_run_dir(*, runs_dir: str | Path, mode: str, model: str, name: str | None = None) -> Path:

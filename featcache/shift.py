@@ -257,7 +257,7 @@ def check_between(cache_a: str | Path, cache_b: str | Path, *, split: str = "all
 
 def print_report(report: ShiftReport, *, json_path: str | Path | None = None) -> None:
     """Print the shift check as tables (and write its JSON when json_path is given)."""
-    from featcache.report import print_table
+    from featcache.reporting import print_table
 
     print_table([{"A (reference)": f"{report.a} ({report.n_a} rows)", "B (checked)": f"{report.b} ({report.n_b} rows)",
                   "D": report.dim, "domain AUC": report.auc,

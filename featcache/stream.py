@@ -25,7 +25,6 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator
 
 import jax
@@ -55,75 +54,6 @@ def block_memory_mib(available: int | None) -> int:
     if available is None:
         return DEFAULT_STREAM_MEMORY_MIB
     return max(16, min(DEFAULT_STREAM_MEMORY_MIB, available // 4 // 2**20))
-
-
-def memory_available(*, proc: str = "/proc", cgroup_root: str = "/sys/fs/cgroup") -> int | None:
-    """Bytes this process can still get: Linux MemAvailable, lowered to the room under its cgroup's memory
-    limit when there is one (a container's, or a batch job's as Slurm sets it); None where neither is known."""
-    known = [x for x in (_meminfo_available(proc), _cgroup_room(proc, cgroup_root)) if x is not None]
-    return min(known) if known else None
-
-
-def _meminfo_available(proc: str) -> int | None:
-    try:
-        with open(Path(proc, "meminfo")) as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _cgroup_room(proc: str, root: str) -> int | None:
-    """Room under the tightest memory limit of this process's cgroup and its parents (cgroup v1 or v2), the
-    page cache counted as free (the kernel reclaims it first); None when no limit is set or none can be read."""
-    try:
-        lines = Path(proc, "self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    rooms = []
-    for line in lines:
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        if parts[1] == "":  # v2, at the root or (hybrid) under unified/
-            layouts = [(Path(root), "memory.max", "memory.current", "file"),
-                       (Path(root, "unified"), "memory.max", "memory.current", "file")]
-        elif "memory" in parts[1].split(","):  # v1
-            layouts = [(Path(root, "memory"), "memory.limit_in_bytes", "memory.usage_in_bytes", "total_cache")]
-        else:
-            continue
-        for base, limit_file, usage_file, cache_key in layouts:
-            here = base / parts[2].lstrip("/")
-            while True:
-                limit = _read_bytes(here / limit_file)
-                if limit is not None and limit < 2**60:  # v1 writes "no limit" as about 2**63
-                    used = (_read_bytes(here / usage_file) or 0) - (_stat_value(here / "memory.stat", cache_key) or 0)
-                    rooms.append(max(limit - max(used, 0), 0))
-                if here == base or base not in here.parents:
-                    break
-                here = here.parent
-    return min(rooms) if rooms else None
-
-
-def _read_bytes(path: Path) -> int | None:
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None  # "max": no limit
-
-
-def _stat_value(path: Path, key: str) -> int | None:
-    try:
-        for line in path.read_text().splitlines():
-            name, _, value = line.partition(" ")
-            if name == key and value.strip().isdigit():
-                return int(value)
-    except OSError:
-        pass
-    return None
 
 
 def in_memory_bytes(meta: dict) -> int:

@@ -27,8 +27,8 @@ def test_help_imports_neither_torch_nor_jax():
 @pytest.mark.parametrize("module, forbidden", [
     ("featcache.head", {"torch", "torchvision"}),
     ("featcache.stream", {"torch", "torchvision"}),
-    ("featcache.finetune", {"jax", "flax", "optax"}),
-    ("featcache.extract", {"jax", "flax", "optax", "torch"}),  # torch only once it computes
+    ("featcache.finetuning", {"jax", "flax", "optax"}),
+    ("featcache.extraction", {"jax", "flax", "optax", "torch"}),  # torch only once it computes
     ("featcache.plan", {"jax", "torch"}),
     ("featcache.metrics", {"jax", "torch"}),
     ("featcache.runs", {"jax", "torch"}),

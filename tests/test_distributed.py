@@ -232,7 +232,7 @@ def test_ddp_frozen_finetune_reports_the_one_process_metrics(data, one_process_r
 RESTART_DRIVER = """\
 import os, sys, time
 import torch
-from featcache import finetune as ft
+from featcache import finetuning as ft
 
 train_epoch = ft._Loop._train_epoch
 

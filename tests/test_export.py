@@ -27,7 +27,7 @@ from featcache import runs
 from featcache.cache import load_features, load_paths
 from featcache.cli import cli
 from featcache.demo import make_demo_dataset
-from featcache.export import META_FILE
+from featcache.exporting import META_FILE
 
 SIZE = 32
 N_PER_CLASS = (12, 6, 6)  # train, val, test images per class
@@ -275,7 +275,7 @@ def test_bad_model_files_and_images_are_one_line_errors(work, demo2, head_run, f
 
 def test_api_names_and_import_boundaries():
     assert callable(featcache.predict) and callable(featcache.export) and callable(featcache.load_model)
-    code = "import featcache.export, featcache.predict, sys; print(' '.join(sys.modules))"
+    code = "import featcache.exporting, featcache.prediction, sys; print(' '.join(sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert "torch" in out.stdout.split()
     assert not {"jax", "flax", "optax"} & set(out.stdout.split())
@@ -285,7 +285,7 @@ def test_googlenet_skeleton_keeps_the_input_transform_of_imagenet_weights():
     # torchvision builds GoogLeNet with ImageNet weights with transform_input=True, which no state_dict
     # records: a finetune checkpoint of it must load into a network that still transforms its input.
     from featcache.backbones import BACKBONES
-    from featcache.export import _skeleton
+    from featcache.exporting import _skeleton
 
     tag = f"imagenet:{BACKBONES['googlenet'].weights_enum}"
     assert _skeleton("googlenet", weights_tag=tag, input_size=SIZE, num_outputs=1).backbone.transform_input

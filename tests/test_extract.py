@@ -31,7 +31,7 @@ from featcache.cli import cli
 from featcache.config import DataConfig, ExtractConfig
 from featcache.datasets import scan_dataset
 from featcache.demo import make_demo_dataset
-from featcache.extract import find_cache, plan_extraction
+from featcache.extraction import find_cache, plan_extraction
 
 FEATCACHE = Path(sys.executable).with_name("featcache")  # the console script of this venv
 D = 512  # resnet18's feature dim

@@ -184,7 +184,7 @@ def test_frozen_loop_leaves_backbone_and_batchnorm_statistics_untouched(parity_r
 
 DRIVER = """\
 import sys, time
-import featcache.finetune as ft
+import featcache.finetuning as ft
 
 kill_after = int(sys.argv[1])
 _save = ft._Loop._save

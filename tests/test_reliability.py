@@ -36,12 +36,12 @@ from click.testing import CliRunner
 from PIL import Image
 
 import featcache
-import featcache.finetune
+import featcache.finetuning
 from featcache import cache
 from featcache.cli import cli
 from featcache.config import DataConfig, ExtractConfig
 from featcache.demo import make_demo_dataset
-from featcache.extract import plan_extraction
+from featcache.extraction import plan_extraction
 
 from synthetic import gaussian_problem, write_cache
 
@@ -378,7 +378,7 @@ def test_cache_ls_shows_a_cache_of_a_changed_dataset_as_stale(tmp_path):
     stat = edited.stat()
     os.utime(edited, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # same size, rewritten later
     assert status() == "stale"
-    assert featcache.extract.find_cache(config) is None  # a stale cache is never used
+    assert featcache.extraction.find_cache(config) is None  # a stale cache is never used
     shutil.move(data, tmp_path / "elsewhere")
     assert status() == "complete"  # its dataset is gone: nothing to compare against
 
@@ -506,14 +506,14 @@ def test_a_full_disk_is_a_clear_error_and_loses_nothing(small_disk, clean):
     runs_dir = folder / "runs"
     ft = ["finetune", *MODEL, "--data", clean, "--freeze-backbone", "--epochs", 2, "--batch-size", 8, "--lr", 0.05,
           "--num-workers", 0, "--quiet", "--runs-dir", runs_dir]
-    real_save = featcache.finetune._Loop._save
+    real_save = featcache.finetuning._Loop._save
 
     def save_then_fill(self, name, payload):
         real_save(self, name, payload)
         if name == "last.pt" and payload["epoch"] == 1:
             exhaust(1_000_000)  # a resnet18 checkpoint is ~45 MB
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(featcache.finetune._Loop, "_save", save_then_fill)
+        mp.setattr(featcache.finetuning._Loop, "_save", save_then_fill)
         try:
             error = _one_error_line(_invoke(*ft), 6)
         finally:
@@ -538,7 +538,7 @@ def test_sigterm_stops_at_a_batch_boundary_and_resume_refuses_other_settings(cle
     clean_run = _invoke(*args, "--runs-dir", tmp_path / "clean")
     assert clean_run.exit_code == 0, clean_run.output
     before = signal.getsignal(signal.SIGTERM)
-    real_loss, sent = featcache.finetune._Loop._loss, []
+    real_loss, sent = featcache.finetuning._Loop._loss, []
 
     def loss_then_sigterm(self, logits, labels):  # in the first batch of epoch 2
         if self.sampler.epoch == 1 and not sent:
@@ -546,7 +546,7 @@ def test_sigterm_stops_at_a_batch_boundary_and_resume_refuses_other_settings(cle
             os.kill(os.getpid(), signal.SIGTERM)
             sent.append(True)
         return real_loss(self, logits, labels)
-    monkeypatch.setattr(featcache.finetune._Loop, "_loss", loss_then_sigterm)
+    monkeypatch.setattr(featcache.finetuning._Loop, "_loss", loss_then_sigterm)
     error = _one_error_line(_invoke(*args, "--runs-dir", tmp_path / "runs"), 143)
     monkeypatch.undo()
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is the caller's again

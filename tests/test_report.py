@@ -20,7 +20,7 @@ import featcache
 from featcache import runs
 from featcache.cache import CacheWriter, SplitRows
 from featcache.cli import cli
-from featcache.report import COLUMNS, HEADERS
+from featcache.reporting import COLUMNS, HEADERS
 
 PNG = b"\x89PNG\r\n\x1a\n"
 NUMBERS = ("train_loss", "train_acc", "best_val_loss", "best_val_acc", "test_acc", "training_time")

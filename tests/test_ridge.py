@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from featcache import metrics, runs
 from featcache.cli import cli
 from featcache.errors import UserError
-from featcache.report import compare_runs
+from featcache.reporting import compare_runs
 from featcache.ridge import fit_ridge, one_hot, ridge_path
 
 from synthetic import gaussian_problem as _problem, write_cache

@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 import featcache.cache as cache_module
+import featcache.environment as environment
 import featcache.stream as stream
 from featcache.cache import FeatureReader, load_features
 from featcache.cli import cli
@@ -236,17 +237,17 @@ def test_memory_available_is_the_tighter_of_the_system_and_the_cgroup_limit(tmp_
         "memory/slurm/job7/memory.stat": f"cache {100 * mib}\ntotal_cache {200 * mib}\n",
         "memory/slurm/memory.limit_in_bytes": "9223372036854771712",  # a parent without a limit
         "memory/memory.limit_in_bytes": "9223372036854771712"})
-    assert stream.memory_available(**v1) == (1024 - 400) * mib  # page cache counted as free
+    assert environment.memory_available(**v1) == (1024 - 400) * mib  # page cache counted as free
     v2 = _fake_system(tmp_path / "v2", "0::/user.slice/job", {
         "user.slice/job/memory.max": "max",
         "user.slice/job/memory.current": str(50 * mib),
         "user.slice/memory.max": str(512 * mib),  # the limit sits on the parent
         "user.slice/memory.current": str(300 * mib),
         "user.slice/memory.stat": f"anon {250 * mib}\nfile {50 * mib}\n"})
-    assert stream.memory_available(**v2) == (512 - 250) * mib
+    assert environment.memory_available(**v2) == (512 - 250) * mib
     free = _fake_system(tmp_path / "none", "0::/", {"memory.max": "max"})
-    assert stream.memory_available(**free) == 20000000 * 1024  # no limit: MemAvailable
-    assert stream.memory_available(proc=str(tmp_path / "nowhere"), cgroup_root=str(tmp_path / "nowhere")) is None
+    assert environment.memory_available(**free) == 20000000 * 1024  # no limit: MemAvailable
+    assert environment.memory_available(proc=str(tmp_path / "nowhere"), cgroup_root=str(tmp_path / "nowhere")) is None
 
 
 def test_block_rows_fit_the_memory_and_the_batch():
@@ -264,11 +265,11 @@ def test_block_rows_fit_the_memory_and_the_batch():
 def test_train_head_streams_on_its_own_when_memory_is_short(tmp_path, monkeypatch, capsys):
     path, _ = _cache(tmp_path)
     config = TrainConfig(epochs=3, runs_dir=str(tmp_path / "runs"))
-    monkeypatch.setattr(stream, "memory_available", lambda: 10**9)
+    monkeypatch.setattr(environment, "memory_available", lambda: 10**9)
     loaded = train_head(cache=path, config=config, run_name="loaded")
     assert "stream" not in loaded.extra
     need = stream.in_memory_bytes(cache_module.read_meta(path))
-    monkeypatch.setattr(stream, "memory_available", lambda: need - 1)
+    monkeypatch.setattr(environment, "memory_available", lambda: need - 1)
     streamed = train_head(cache=path, config=config, run_name="streamed")
     assert "streaming them from the file" in capsys.readouterr().err
     assert streamed.extra["stream"]["blocks_per_epoch"] == 1 and streamed.extra["stream"]["pread"] is True

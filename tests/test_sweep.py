@@ -16,7 +16,7 @@ from featcache.cli import cli
 from featcache.config import TrainConfig
 from featcache.head import fit_head
 from featcache.metrics import Interval, mean_interval, t_quantile_975
-from featcache.report import compare_runs, format_interval
+from featcache.reporting import compare_runs, format_interval
 from featcache.sweep import GridCell, fit_grid, select_cell
 from synthetic import gaussian_problem as _problem, write_cache
 

@@ -7,9 +7,7 @@ one HDF5 open, not a torch start-up. torch and the network are imported only to 
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 import os
-import platform
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +21,7 @@ from featcache import cache, distributed
 from featcache.backbones import BACKBONES, describe_weights
 from featcache.config import ExtractConfig
 from featcache.datasets import DatasetIndex, resolve_data_root, scan_dataset
+from featcache.environment import default_num_workers, library_versions
 from featcache.errors import UserError
 from featcache.progress import progress_bar
 
@@ -38,17 +37,6 @@ class ExtractPlan:
     key: str
     path: Path
     meta: dict
-
-
-def library_versions() -> dict:
-    """Versions recorded in every cache and run (read from package metadata, nothing imported)."""
-    versions = {"python": platform.python_version()}
-    for pkg in ("featcache", "torch", "torchvision", "numpy", "h5py", "pillow", "jax", "flax", "optax"):
-        try:
-            versions[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return versions
 
 
 def plan_extraction(config: ExtractConfig) -> ExtractPlan:
@@ -246,7 +234,7 @@ def _run_extraction(plan: ExtractPlan, *, progress: bool, log: Log,
         skipped = _skipped_rows(plan, writer, reasons)
         if skipped:  # before the cache is in place: a complete cache always has its list beside it
             from featcache.datasets import failures_csv
-            from featcache.runs import atomic_write_bytes
+            from featcache.files import atomic_write_bytes
 
             atomic_write_bytes(cache.failures_path(plan.path), failures_csv(skipped).encode())
         path = writer.finish(skipped=skipped)
@@ -295,23 +283,3 @@ def _die_with_parent(parent_pid: int, _worker_id: int) -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
-
-
-def default_num_workers() -> int:
-    """Decode workers when --num-workers is not given: half the cores, at most 4 (forward uses the rest).
-
-    None when JAX is loaded in this process (e.g. `featcache demo` after head-train): DataLoader
-    workers are forked, and forking a process that runs JAX's threads can deadlock.
-    """
-    if "jax" in sys.modules:
-        return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-    return max(0, min(4, cores // 2))
-
-
-# `featcache.extract(...)` is the Python API function of the same name (see featcache.api).
-import sys as _sys  # noqa: E402
-
-from featcache import api as _api  # noqa: E402
-
-_api.make_module_callable(_sys.modules[__name__], _api.extract)

@@ -82,7 +82,7 @@ def predict(model: nn.Module | str | Path, images: str | Path | Sequence[str | P
     torch_device = pick_device(device)
     module = module.to(torch_device).eval()
     if num_workers < 0:
-        from featcache.extract import default_num_workers
+        from featcache.environment import default_num_workers
 
         num_workers = default_num_workers()
     # Path() / path is the path as given (absolute or relative to the working directory).
@@ -113,7 +113,7 @@ def predict(model: nn.Module | str | Path, images: str | Path | Sequence[str | P
 
 def resolve_model(model: nn.Module | str | Path, *, weights: str | None = None) -> nn.Module:
     """A module with `.class_names` and `.transform`: as given, loaded from an export, or built from a run."""
-    from featcache.export import build_module, load_model
+    from featcache.exporting import build_module, load_model
 
     if isinstance(model, nn.Module):
         if not hasattr(model, "class_names") or not hasattr(model, "transform"):
@@ -146,11 +146,3 @@ def collect_images(items: Sequence[str | Path]) -> list[str]:
         raise UserError(f"No images found in {shown} ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
                         "pass image files or folders of images.")
     return paths
-
-
-# `featcache.predict(...)` is the Python API function of the same name (see featcache.api).
-import sys as _sys  # noqa: E402
-
-from featcache import api as _api  # noqa: E402
-
-_api.make_module_callable(_sys.modules[__name__], _api.predict)

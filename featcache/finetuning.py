@@ -29,8 +29,9 @@ from featcache.backbones import (Backbone, build_backbone, make_finetune_net, ma
 from featcache.config import FinetuneConfig, TrainConfig
 from featcache.datasets import (DatasetIndex, ImageDataset, SkipUnreadable, collate_readable, failures_csv,
                                 resolve_data_root, scan_dataset)
+from featcache.files import atomic_write, atomic_write_bytes
 from featcache.errors import NoSpaceError, TerminatedError, UserError
-from featcache.extract import library_versions
+from featcache.environment import default_num_workers, library_versions
 from featcache.plan import TrainPlan, make_plan, num_outputs_for
 from featcache.progress import progress_bar
 
@@ -99,7 +100,7 @@ def finetune(config: FinetuneConfig, train: TrainConfig, *, resume: str | Path |
     if run_dir is None:
         def start() -> Path:
             new = runs.new_run_dir(runs_dir=train.runs_dir, mode=mode, model=config.model)
-            runs.atomic_write_bytes(new / CONFIG_FILE, json.dumps(
+            atomic_write_bytes(new / CONFIG_FILE, json.dumps(
                 {"finetune": asdict(config), "train": asdict(train), "dataset_fingerprint": fingerprint},
                 indent=2).encode())
             return new
@@ -107,7 +108,7 @@ def finetune(config: FinetuneConfig, train: TrainConfig, *, resume: str | Path |
         run_dir = group.from_main(start)  # rank 0 writes the run directory
         group.mark_run_dir(run_dir, seed=train.seed)
     if skipped and group.is_main:
-        runs.atomic_write_bytes(run_dir / FAILURES_FILE, failures_csv(skipped).encode())
+        atomic_write_bytes(run_dir / FAILURES_FILE, failures_csv(skipped).encode())
         log(f"{len(skipped)} unreadable image{'s' if len(skipped) != 1 else ''} skipped, listed in "
             f"{run_dir / FAILURES_FILE}")
     loop = _Loop(config=config, train=train, plan=plan, index=index, backbone=backbone,
@@ -124,7 +125,7 @@ def _drop_unreadable(index: DatasetIndex, config: FinetuneConfig) -> tuple[Datas
     """
     samples = [sample for _, sample in index.files()]
     splits = [split for split, _ in index.files()]
-    workers = config.num_workers if config.num_workers >= 0 else _default_workers()
+    workers = config.num_workers if config.num_workers >= 0 else default_num_workers()
     loader = torch.utils.data.DataLoader(
         SkipUnreadable(ImageDataset(index.root, samples, _decoded_only)), batch_size=config.eval_batch_size,
         num_workers=workers, collate_fn=collate_readable)
@@ -236,7 +237,7 @@ class _Loop:
         self.trained = self.group.wrap(self.net.head if config.freeze_backbone else self.net, device=device,
                                        sync_batchnorm=not config.freeze_backbone)
         self.sampler = _PlanBatches(plan, self.group)
-        workers = config.num_workers if config.num_workers >= 0 else _default_workers()
+        workers = config.num_workers if config.num_workers >= 0 else default_num_workers()
         train_tf = make_train_transform(backbone.transform_desc) if config.augment else backbone.transform
         # Not persistent: each epoch's workers then take their seeds from the per-epoch torch seed
         # (_train_epoch), so augmentation and Dropout of a resumed run replay an uninterrupted one.
@@ -328,7 +329,7 @@ class _Loop:
     def _save(self, name: str, payload: dict) -> None:
         try:
             if self.group.is_main:  # rank 0 writes the run directory
-                runs.atomic_write(self.run_dir / name, lambda f: torch.save(payload, f))
+                atomic_write(self.run_dir / name, lambda f: torch.save(payload, f))
             if name == LAST_CKPT:
                 self._saved_epoch = payload["epoch"]
         except NoSpaceError as exc:
@@ -488,17 +489,3 @@ def _make_optimizer(params, train: TrainConfig) -> torch.optim.Optimizer:
     if train.optimizer == "adam":
         return torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay)
     return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
-
-
-def _default_workers() -> int:
-    from featcache.extract import default_num_workers
-
-    return default_num_workers()
-
-
-# `featcache.finetune(...)` is the Python API function of the same name (see featcache.api).
-import sys as _sys  # noqa: E402
-
-from featcache import api as _api  # noqa: E402
-
-_api.make_module_callable(_sys.modules[__name__], _api.finetune)

@@ -216,11 +216,3 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return "nan" if v != v else f"{v:.4f}"
     return str(v)
-
-
-# `featcache.report(...)` is the Python API function of the same name (see featcache.api).
-import sys as _sys  # noqa: E402
-
-from featcache import api as _api  # noqa: E402
-
-_api.make_module_callable(_sys.modules[__name__], _api.report)

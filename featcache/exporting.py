@@ -299,7 +299,7 @@ def _head_check(module: ExportedClassifier, run: runs.RunResult, meta: dict, *, 
 
 def _from_checkpoint(run: runs.RunResult) -> tuple[ExportedClassifier, dict]:
     """(module, metadata) of a finetune/frozen run: the network of its best.pt."""
-    from featcache.finetune import BEST_CKPT
+    from featcache.finetuning import BEST_CKPT
 
     path = run.run_dir / BEST_CKPT
     if not path.is_file():
@@ -342,7 +342,7 @@ def _random_images(size: int, n: int = 4) -> torch.Tensor:
 
 def _metadata(run: runs.RunResult, *, model: str, weights_tag: str, class_names: list[str], transform: dict,
               head_shape: tuple[int, ...]) -> dict[str, Any]:
-    from featcache.extract import library_versions
+    from featcache.environment import library_versions
 
     return {
         "format": EXPORT_FORMAT,
@@ -444,11 +444,3 @@ def _attach(module: nn.Module, meta: dict) -> nn.Module:
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return (lines[0] if lines else type(exc).__name__)[:200]
-
-
-# `featcache.export(...)` is the Python API function of the same name (see featcache.api).
-import sys as _sys  # noqa: E402
-
-from featcache import api as _api  # noqa: E402
-
-_api.make_module_callable(_sys.modules[__name__], _api.export)
