@@ -30,7 +30,8 @@ import numpy as np
 from featcache import cache, distributed
 from featcache.backbones import describe_weights, get_spec
 from featcache.config import ExtractConfig
-from featcache.datasets import (DatasetIndex, resolve_data_root, scan_dataset, skipped_images_line, strict_error,
+from featcache.datasets import (DatasetIndex, ImageDataset, ImageLoadError, SkipUnreadable, collate_readable,
+                                load_image, resolve_data_root, scan_dataset, skipped_images_line, strict_error,
                                 write_failures_csv)
 from featcache.environment import default_num_workers, library_versions
 from featcache.errors import LockedError, UserError
@@ -251,8 +252,6 @@ def _compute(plan: ExtractPlan, writer, *, net, backbone, device, num_workers: i
     """
     import torch
 
-    from featcache.datasets import ImageDataset, SkipUnreadable, collate_readable
-
     config = plan.config
     n_done, reasons = 0, {}
     with ThreadPoolExecutor(max_workers=1) as pool, progress_bar(progress) as bar:
@@ -318,8 +317,6 @@ def _forward(net, batch, *, device, amp: bool, dtype: np.dtype, feature_dim: int
 def _skipped_rows(plan: ExtractPlan, writer: cache.CacheWriter,
                   reasons: dict[tuple[str, int], str]) -> list[tuple[str, str, str]]:
     """(split, path, reason) of every row committed as unreadable, by this run or by the run it resumes."""
-    from featcache.datasets import ImageLoadError, load_image
-
     out = []
     for split, samples in plan.index.splits.items():
         for row in writer.failed_rows(split):
