@@ -158,7 +158,7 @@ def run_head_train(cache: Path, runs: Path, name: str, flags: list[str], epochs:
 def reader_speed(cache: Path, *, rows: int, block: int) -> dict:
     """Microseconds per row of FeatureReader.take on `block` random train rows, page cache warm and cold:
     os.preadv with its default threads, with one thread, and h5py's indexing (the fallback)."""
-    import featcache.cache as cache_module
+    import featcache.cache.reader as cache_module  # FeatureReader's module: its tuning constants
     from featcache.cache import FeatureReader
 
     picks = np.random.default_rng(1).permutation(rows)[:block]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+SPLITS = ("train", "val", "test")  # the splits of a dataset and of its cache, in this order
 DEFAULT_STREAM_MEMORY_MIB = 1024  # head-train --stream-memory: memory for the blocks of streamed features
 
 

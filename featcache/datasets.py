@@ -48,10 +48,11 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from featcache import demo
+from featcache.config import SPLITS
 from featcache.errors import UserError
+from featcache.files import atomic_write_bytes
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
-SPLITS = ("train", "val", "test")
 
 _MODES_16BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
 _MODES_ALPHA = {"RGBA", "LA", "PA", "RGBa", "La"}
@@ -144,13 +145,7 @@ def scan_dataset(root: str | Path, *, val_fraction: float = 0.15, test_fraction:
     if not root.is_dir():
         raise UserError(f"Dataset folder {root} does not exist or is not a folder; pass --data "
                         "DIR with train/<class>/ images, or --data demo.")
-    for label, fraction in (("val", val_fraction), ("test", test_fraction)):
-        if not 0.0 <= fraction < 1.0:
-            raise UserError(f"The {label} fraction {fraction} is outside [0, 1); "
-                            f"pass a value like --{label}-fraction 0.15.")
-    if val_fraction + test_fraction >= 1.0:
-        raise UserError(f"The val and test fractions ({val_fraction} + {test_fraction}) must sum "
-                        "to less than 1; lower --val-fraction or --test-fraction.")
+    _check_fractions(val_fraction=val_fraction, test_fraction=test_fraction)
     train_dir = root / "train"
     if not train_dir.is_dir():
         raise UserError(f"{root} has no train/ folder; expected {root}/train/<class>/<image>.")
@@ -158,21 +153,7 @@ def scan_dataset(root: str | Path, *, val_fraction: float = 0.15, test_fraction:
     if not class_names:
         raise UserError(f"{train_dir} has no class folders; expected {train_dir}/<class>/<image>.")
 
-    found: dict[str, list[Sample]] = {}
-    for split in SPLITS:
-        split_dir = root / split
-        if not split_dir.is_dir():
-            continue
-        if split != "train":
-            present = set(_class_folders(split_dir))
-            missing, extra = sorted(set(class_names) - present), sorted(present - set(class_names))
-            if missing or extra:
-                raise UserError(f"{split_dir} has classes that differ from train/ (missing "
-                                f"{missing or 'none'}, extra {extra or 'none'}); give every "
-                                "split the same class folders.")
-        found[split] = [Sample(path, label) for label, class_name in enumerate(class_names)
-                        for path in _class_images(root, split_dir / class_name)]
-
+    found = _split_folders(root, class_names)
     carve = {split: split not in found for split in ("val", "test")}
     splits = {split: found.get(split, []) for split in SPLITS}
     if any(carve.values()):
@@ -193,6 +174,36 @@ def scan_dataset(root: str | Path, *, val_fraction: float = 0.15, test_fraction:
                 for split, samples in splits.items()},
         split_rule=split_rule,
     )
+
+
+def _check_fractions(*, val_fraction: float, test_fraction: float) -> None:
+    """UserError unless both fractions lie in [0, 1) and leave train at least some share."""
+    for label, fraction in (("val", val_fraction), ("test", test_fraction)):
+        if not 0.0 <= fraction < 1.0:
+            raise UserError(f"The {label} fraction {fraction} is outside [0, 1); "
+                            f"pass a value like --{label}-fraction 0.15.")
+    if val_fraction + test_fraction >= 1.0:
+        raise UserError(f"The val and test fractions ({val_fraction} + {test_fraction}) must sum "
+                        "to less than 1; lower --val-fraction or --test-fraction.")
+
+
+def _split_folders(root: Path, class_names: tuple[str, ...]) -> dict[str, list[Sample]]:
+    """The samples of each split folder present under `root`; UserError if its classes differ from train's."""
+    found: dict[str, list[Sample]] = {}
+    for split in SPLITS:
+        split_dir = root / split
+        if not split_dir.is_dir():
+            continue
+        if split != "train":
+            present = set(_class_folders(split_dir))
+            missing, extra = sorted(set(class_names) - present), sorted(present - set(class_names))
+            if missing or extra:
+                raise UserError(f"{split_dir} has classes that differ from train/ (missing "
+                                f"{missing or 'none'}, extra {extra or 'none'}); give every "
+                                "split the same class folders.")
+        found[split] = [Sample(path, label) for label, class_name in enumerate(class_names)
+                        for path in _class_images(root, split_dir / class_name)]
+    return found
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -277,6 +288,29 @@ def failures_csv(failures: Sequence[tuple[str, str, str]]) -> str:
     writer.writerow(["split", "path", "reason"])
     writer.writerows(failures)
     return buf.getvalue()
+
+
+def write_failures_csv(path: str | Path, failures: Sequence[tuple[str, str, str]]) -> None:
+    """Write failures.csv (failures_csv) to `path` atomically: a reader sees all of it or none."""
+    atomic_write_bytes(path, failures_csv(failures).encode())
+
+
+def skipped_images_line(count: int, csv_path: str | Path, *, note: str = "") -> str:
+    """The one line that says how many unreadable images were skipped and where they are listed.
+
+    Args:
+        count: images skipped.
+        csv_path: the failures.csv that lists them.
+        note: what skipping means here, in parentheses after "skipped" (extract: "not in the cache").
+    """
+    noted = f" ({note})" if note else ""
+    return f"{count} unreadable image{'s' if count != 1 else ''} skipped{noted}, listed in {csv_path}"
+
+
+def strict_error(path: str | Path, reason: str) -> UserError:
+    """The error of --strict at an unreadable image: `path` (as the user knows it) and why it failed."""
+    return UserError(f"Cannot read image {path} ({reason}); replace or delete it, or drop --strict to skip "
+                     "unreadable images and list them in failures.csv.")
 
 
 def _class_folders(split_dir: Path) -> list[str]:

@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from featcache.config import SPLITS as DEMO_SPLITS
 from featcache.errors import UserError
 
 DEMO_VERSION = 1  # bump when the rendering changes: old markers then no longer match
 MARKER_NAME = ".featcache-demo.json"
-DEMO_SPLITS = ("train", "val", "test")
 DEFAULT_N_PER_CLASS = (100, 30, 30)
 CLASS_NAMES = {2: ("abnormal", "normal"), 3: ("clustered", "elongated", "normal")}
 

@@ -3,11 +3,8 @@
 torch.distributed does the work (gloo on the CPU, NCCL on CUDA); this module fits featcache to it,
 so that N processes give the results of one.
 
-* extract: each rank extracts its shard of the one-process batch grid (cache.shard_batches: batch b,
-  counted across the splits, goes to rank b % N) into its own shard file (cache.ShardWriter). After a
-  barrier rank 0 copies the shards into the one cache file (cache.merge_shards): same key, same rows
-  in the same order, the same features, since every batch holds the images it holds in one process.
-  Rank 0 holds the cache's writer lock throughout; a re-run resumes every shard where it stopped.
+* extract: each rank extracts its shard of the batch grid and rank 0 merges them; that flow lives in
+  featcache.extraction, which uses this module's group (join), never the reverse.
 * finetune: DistributedDataParallel. Each global batch of the plan is cut into contiguous parts, one
   per rank (`local_rows`). Each rank's mean loss is scaled by N * rows / global rows (`scale_loss`),
   so DDP's average of the N gradients is the gradient of the mean loss over the global batch. Loss
@@ -18,25 +15,22 @@ so that N processes give the results of one.
 `Solo` is one process (every collective is the identity); `join()` returns it outside torchrun,
 so the training loop has no branches for the two cases. torch is imported inside functions: extract
 asks `world_size()` before it knows whether the cache exists, and a cache hit must not pay for torch.
+This module imports no other featcache module but errors (and, inside functions, datasets and plan).
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
-import functools
 import os
 import subprocess
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from featcache import cache
-from featcache.errors import LockedError, UserError
+from featcache.errors import UserError
 
 # How long a collective waits for the slowest rank: at the barrier after its shard a rank waits for
 # the others' shards (and for rank 0's merge), in training for rank 0's checkpoint. A rank that dies
@@ -54,6 +48,11 @@ def world_size() -> int:
 def rank() -> int:
     """This process's rank (RANK); 0 outside torchrun."""
     return int(os.environ.get("RANK", "0"))
+
+
+def with_rank(log: Callable[[str], None], group: Solo) -> Callable[[str], None]:
+    """`log` with every message prefixed "[rank R/N] " (the messages of N processes share one terminal)."""
+    return lambda message: log(f"[rank {group.rank}/{group.world_size}] {message}")
 
 
 def _part(n: int, rank: int, world_size: int) -> slice:
@@ -143,7 +142,7 @@ class Group(Solo):
         self.is_main = self.rank == 0
         self.cuda = cuda
         if cuda:
-            _take_own_gpu(self.local_rank)
+            take_own_gpu(self.local_rank)
         dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=TIMEOUT)
         # featcache's own collectives (objects, metric sums) run on the CPU through gloo; DDP's through NCCL
         self._cpu = dist.new_group(backend="gloo", timeout=TIMEOUT) if cuda else None
@@ -216,7 +215,7 @@ class Group(Solo):
             (run_dir / _run_marker(seed)).write_text(f"torchrun run {os.environ['TORCHELASTIC_RUN_ID']}\n")
 
 
-def _take_own_gpu(local_rank: int) -> None:
+def take_own_gpu(local_rank: int) -> None:
     """Make GPU LOCAL_RANK current: "cuda" is then this process's own GPU."""
     import torch
 
@@ -312,92 +311,3 @@ def check_finetune_launch(config, train, *, nproc: int) -> None:
     index = scan_dataset(root, val_fraction=config.data.val_fraction, test_fraction=config.data.test_fraction,
                          seed=config.data.split_seed)
     check_batch_split(n_train=len(index.splits.get("train") or ()), batch_size=train.batch_size, world_size=nproc)
-
-
-# --------------------------------------------------------------------------- extraction
-
-
-def extract(plan, *, progress: bool, log: Callable[[str], None]) -> Path:
-    """`featcache extract` in one process of a torchrun group: its shard, then rank 0 merges.
-
-    Args:
-        plan: the ExtractPlan of this process (every rank must compute the same key).
-        progress: rank 0 shows its progress bar.
-        log: one-line messages, prefixed with the rank.
-
-    Returns:
-        The path of the complete cache file, on every rank.
-    """
-    from featcache import extraction as fx
-
-    config = plan.config
-    group = join(cuda=False)  # the shards meet on disk: gloo's small CPU collectives are all this needs
-    say = _prefixed(log, group)
-    if config.device != "cpu":
-        import torch
-
-        if torch.cuda.is_available():
-            _take_own_gpu(group.local_rank)
-    group.require_same(plan.key, "The processes of this torchrun group see different data or options (their "
-                       f"cache keys differ); {SAME_DATA}")
-    with contextlib.ExitStack() as stack:
-        state = None
-        if group.is_main:
-            try:
-                stack.enter_context(cache.write_lock(plan.path, wait=config.wait))
-                state = "hit" if fx._is_complete(plan) else "extract"
-            except LockedError as exc:
-                state = str(exc)
-            if state == "extract":
-                _remove_other_shards(plan.path, world_size=group.world_size, batch_size=config.batch_size, log=say)
-        state = group.broadcast(state)
-        if state == "hit":
-            return fx._cache_hit(plan, log=say)
-        if state != "extract":
-            raise LockedError(state)
-        writer = functools.partial(_GroupShardWriter, group=group, batch_size=config.batch_size, log=say)
-        return fx._run_extraction(plan, progress=progress and group.is_main, log=say, open_writer=writer)
-
-
-def _prefixed(log: Callable[[str], None], group: Solo) -> Callable[[str], None]:
-    return lambda message: log(f"[rank {group.rank}/{group.world_size}] {message}")
-
-
-def _remove_other_shards(final: Path, *, world_size: int, batch_size: int, log: Callable[[str], None]) -> None:
-    """Delete shard files of an earlier run with another number of processes or batch size: not resumable."""
-    ours = {cache.shard_path(final, rank=r, world_size=world_size, batch_size=batch_size) for r in range(world_size)}
-    ours |= {cache.partial_path(p) for p in ours}
-    stale = [p for p in cache.shard_files(final) if p not in ours]
-    for path in stale:
-        path.unlink(missing_ok=True)
-    if stale:
-        log(f"removed {len(stale)} shard file(s) of an earlier run with another --nproc or --batch-size")
-
-
-class _GroupShardWriter(cache.ShardWriter):
-    """This rank's shard; finish() waits for every shard, rank 0 merges them, and every rank gets the cache."""
-
-    def __init__(self, final: Path, *, group: Solo, batch_size: int, log: Callable[[str], None], meta,
-                 feature_dim: int, dtype: str, splits):
-        super().__init__(final, rank=group.rank, world_size=group.world_size, batch_size=batch_size, meta=meta,
-                         feature_dim=feature_dim, dtype=dtype, splits=splits)
-        self._group, self._log = group, log
-        self._cache = dict(meta=meta, feature_dim=feature_dim, dtype=dtype, splits=splits)
-
-    def finish(self, *, skipped: Sequence[tuple[str, str, str]] = ()) -> Path:
-        super().finish(skipped=skipped)
-        self._group.barrier()  # every shard is complete
-        if self._group.is_main:
-            shards = [cache.shard_path(self.final, rank=r, world_size=self._group.world_size,
-                                       batch_size=self.batch_size) for r in range(self._group.world_size)]
-            every_skipped = cache.shards_skipped(shards, self._cache["splits"])
-            if every_skipped:  # beside the cache before it is in place, as one process does it
-                from featcache.datasets import failures_csv
-                from featcache.files import atomic_write_bytes
-
-                atomic_write_bytes(cache.failures_path(self.final), failures_csv(every_skipped).encode())
-            t0 = time.perf_counter()
-            cache.merge_shards(self.final, shards=shards, skipped=every_skipped, **self._cache)
-            self._log(f"merged {len(shards)} shards into {self.final.name} in {time.perf_counter() - t0:.1f} s")
-        self._group.barrier()  # the cache is in place
-        return self.final

@@ -66,6 +66,76 @@ def test_roundtrip_and_plain_h5py_layout(tmp_path):
         assert f["train/paths"][0].decode() == "train/x0.png"
 
 
+def _count_opens(monkeypatch) -> list:
+    """Every h5py.File opened from now on (its path), in a list."""
+    opened = []
+
+    class Counted(h5py.File):
+        def __init__(self, name, *args, **kwargs):
+            opened.append(name)
+            super().__init__(name, *args, **kwargs)
+    monkeypatch.setattr(h5py, "File", Counted)
+    return opened
+
+
+def _message(call) -> str:
+    with pytest.raises(CacheError) as caught:
+        call()
+    return str(caught.value)
+
+
+def test_load_splits_opens_the_file_once_and_checks_as_load_features_does(tmp_path, monkeypatch):
+    final = tmp_path / "d" / "m.h5"
+    w = cache.CacheWriter(final, meta=_meta(), feature_dim=D, dtype="float32", splits=_splits())
+    _write_all(w)
+    w.finish()
+    opened = _count_opens(monkeypatch)
+    meta, splits = cache.load_splits(final, ("train", "val"))
+    assert len(opened) == 1
+    assert list(splits) == ["train", "val"] and meta == cache.read_meta(final)
+    for split, (x, y) in splits.items():
+        want_x, want_y, _ = cache.load_features(final, split)
+        np.testing.assert_array_equal(x, want_x)
+        np.testing.assert_array_equal(y, want_y)
+        assert x.shape == (len(y), D) and y.dtype == np.int64
+    opened.clear()
+    cache.load_features(final, "val")
+    with cache.FeatureReader(final):
+        pass
+    assert len(opened) == 2  # one open each
+
+    # the same errors, word for word: a split the file lacks (the default asks for test too), rows never
+    # written, NaN features
+    want = _message(lambda: cache.load_features(final, "test"))
+    assert _message(lambda: cache.load_splits(final)) == want and "has no split 'test'" in want
+    with h5py.File(final, "r+") as f:
+        f["val/done"][1] = False
+    want = _message(lambda: cache.load_features(final, "val"))
+    assert _message(lambda: cache.load_splits(final, ("train", "val"))) == want and "missing rows of val" in want
+    with h5py.File(final, "r+") as f:
+        f["val/done"][1] = True
+        f["train/features"][2, 0] = np.nan
+    want = _message(lambda: cache.load_features(final, "train"))
+    assert _message(lambda: cache.load_splits(final, ("val", "train"))) == want and "1 of 10 rows" in want
+
+
+def test_the_extraction_attribute_is_stored_as_given(tmp_path):
+    run = {"images": 13, "seconds": 0.5, "images_per_s": 26.0, "device": "cpu", "batch_size": 3, "num_workers": 0}
+    final = tmp_path / "d" / "m.h5"
+    w = cache.CacheWriter(final, meta=_meta(), feature_dim=D, dtype="float32", splits=_splits())
+    _write_all(w)
+    w.finish(extraction=run)
+    assert cache.read_meta(final)["extraction"] == run and cache.verify_cache(final) == []
+    # through the copy that leaves out an unreadable row, too
+    compact = tmp_path / "d" / "c.h5"
+    w = cache.CacheWriter(compact, meta=_meta(), feature_dim=D, dtype="float32", splits=_splits())
+    w.write("train", 0, _features("train", 0, 2), failed=[2])
+    _write_all(w)
+    w.finish(skipped=[("train", "train/x2.png", "truncated")], extraction=run)
+    meta = cache.read_meta(compact)
+    assert meta["extraction"] == run and meta["splits"] == {"train": 9, "val": 4}
+
+
 def test_partial_file_is_never_read_as_a_cache(tmp_path):
     final = tmp_path / "d" / "m.h5"
     w = cache.CacheWriter(final, meta=_meta(), feature_dim=D, dtype="float16", splits=_splits())

@@ -87,7 +87,7 @@ def _read(path: Path) -> dict:
     """{split: (features, labels, paths, done)} and the attributes, with plain h5py."""
     with h5py.File(path, "r") as f:
         splits = {s: tuple(f[s][k][...] for k in ("features", "labels", "paths", "done")) for s in f}
-        attrs = {k: v for k, v in f.attrs.items() if k != "created"}
+        attrs = {k: v for k, v in f.attrs.items() if k not in ("created", "extraction")}  # the run, not the cache
     return {"splits": splits, "attrs": attrs}
 
 
@@ -125,6 +125,9 @@ def test_two_processes_extract_the_one_process_cache(data, one_process_cache, tm
     failures = cache.failures_path(path)
     assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, path.name + ".lock", failures.name])
     _assert_same_cache(path, one_process_cache)
+    run = cache.read_meta(path)["extraction"]  # the group's run: every rank's images, from the first start to merged
+    assert (run["images"], run["processes"], run["batch_size"], run["num_workers"]) == (23 + 22, 2, 4, 0)
+    assert run["seconds"] > 0 and run["images_per_s"] == pytest.approx(45 / run["seconds"])
 
     again = _run([*FEATCACHE, "extract", *EXTRACT_ARGS, "--data", data, "--cache-dir", cache_dir, "--nproc", 2])
     assert again.returncode == 0 and again.stdout.startswith(f"cache hit: {path}\n")  # found before torchrun

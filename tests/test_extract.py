@@ -26,16 +26,16 @@ from PIL import Image
 
 import featcache
 import featcache.backbones
+import featcache.extraction
 from featcache import cache
 from featcache.cli import cli
-from featcache.config import DataConfig, ExtractConfig
-from featcache.datasets import scan_dataset
+from featcache.config import SPLITS, DataConfig, ExtractConfig
+from featcache.datasets import DatasetIndex, scan_dataset
 from featcache.demo import make_demo_dataset
 from featcache.extraction import find_cache, plan_extraction
 
 FEATCACHE = Path(sys.executable).with_name("featcache")  # the console script of this venv
 D = 512  # resnet18's feature dim
-SPLITS = ("train", "val", "test")
 N = {"train": 16, "val": 8, "test": 8}  # demo n_per_class=(8, 4, 4), two classes
 CLI_ARGS = ["--model", "resnet18", "--weights", "none", "--image-size", "32", "--quiet"]
 
@@ -402,6 +402,27 @@ def test_plain_h5py_reads_the_documented_layout(data, tmp_path):
             paths = [p.decode() for p in g["paths"][...]]
             assert all((data / p).is_file() for p in paths)
             assert np.isfinite(g["features"][...]).all() and np.abs(g["features"][...]).sum() > 0
+
+
+def test_the_cache_records_its_extraction_outside_the_key(data, tmp_path, monkeypatch):
+    fingerprints = []
+    fingerprint = DatasetIndex.fingerprint
+    monkeypatch.setattr(DatasetIndex, "fingerprint", lambda index: fingerprints.append(1) or fingerprint(index))
+    config = ExtractConfig(model="resnet18", data=DataConfig(root=str(data)), weights="none", image_size=32,
+                           batch_size=8, num_workers=0, cache_dir=str(tmp_path / "cache"))
+    plan = plan_extraction(config)
+    assert len(fingerprints) == 1  # every image is statted once
+    path = featcache.extraction.extract(config, progress=False, log=lambda message: None)
+    meta = cache.read_meta(path)
+    run = meta["extraction"]
+    assert run["images"] == sum(meta["splits"].values()) == sum(N.values())  # the rows written
+    assert run["seconds"] > 0 and run["images_per_s"] == pytest.approx(run["images"] / run["seconds"])
+    assert (run["device"], run["batch_size"], run["num_workers"], run["processes"]) == ("cpu", 8, 0, 1)
+    # a run's measurement and settings are not the features: the key is the one planned, and another batch
+    # size or worker count finds the same cache
+    assert meta["key"] == plan.key and "extraction" not in plan.meta
+    _forbid_forward_pass(monkeypatch)
+    assert _extract(data, tmp_path / "cache", batch_size=3, num_workers=1) == path
 
 
 def test_several_models_in_one_call_write_one_file_each(data, tmp_path):

@@ -39,14 +39,13 @@ import featcache
 import featcache.finetuning
 from featcache import cache
 from featcache.cli import cli
-from featcache.config import DataConfig, ExtractConfig
+from featcache.config import SPLITS, DataConfig, ExtractConfig
 from featcache.demo import make_demo_dataset
 from featcache.extraction import plan_extraction
 
 from synthetic import gaussian_problem, write_cache
 
 FEATCACHE = Path(sys.executable).with_name("featcache")  # the console script of this venv
-SPLITS = ("train", "val", "test")
 BOMB_REASON = "too many pixels, refused as a possible decompression bomb"
 NOT_AN_IMAGE = "not a recognised image format"
 MODEL = ["--model", "resnet18", "--weights", "none", "--image-size", "32"]
@@ -194,6 +193,8 @@ def test_unreadable_images_are_skipped_listed_never_padded_and_survive_a_resume(
     with h5py.File(final, "r") as f:  # the documented layout, nothing else
         assert all(set(f[s]) == {"features", "labels", "paths", "done"} for s in SPLITS)
         assert [tuple(r) for r in json.loads(f.attrs["skipped"])] == [tuple(r) for r in _csv_rows(csv_path)[1:]]
+    # the resumed run measured its own work: the 32 - 5 readable images the interrupted run had not committed
+    assert cache.read_meta(final)["extraction"]["images"] == 27
 
     # A cache hit says so again; --strict refuses a cache that left images out, naming the first.
     hit = _invoke(*args)

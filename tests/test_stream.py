@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 import featcache.cache as cache_module
+import featcache.cache.reader as reader_module  # FeatureReader's module: its tuning constants
 import featcache.environment as environment
 import featcache.stream as stream
 from featcache.cache import FeatureReader, load_features
@@ -81,13 +82,13 @@ def test_reader_reads_neighbours_in_one_call_in_file_order(tmp_path, monkeypatch
     x = load_features(path, "train")[0]
     rows = np.random.default_rng(2).permutation(700)[:300]
     calls = []
-    real_preadv = cache_module.os.preadv
-    monkeypatch.setattr(cache_module.os, "preadv",
+    real_preadv = reader_module.os.preadv
+    monkeypatch.setattr(reader_module.os, "preadv",
                         lambda fd, buffers, at: (calls.append((at, len(buffers))), real_preadv(fd, buffers, at))[1])
     runs = len(np.flatnonzero(np.diff(np.sort(rows)) != 1)) + 1  # runs of consecutive rows
     with FeatureReader(path) as reader:
         for most in (1024, 4):
-            monkeypatch.setattr(cache_module, "_MAX_BUFFERS", most)
+            monkeypatch.setattr(reader_module, "_MAX_BUFFERS", most)
             calls.clear()
             assert np.array_equal(reader.take("train", rows), x[rows]), most
             assert [at for at, _ in calls] == sorted(at for at, _ in calls)  # one pass forward through the file

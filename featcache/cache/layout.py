@@ -1,0 +1,135 @@
+"""The cache file's rules: format version, key, file names, attributes and the messages of a bad file.
+
+Layout of one cache file (see README "The cache file"):
+
+    / attrs: format_version, key, model, weights, weights_sha256, transform (json), feature_dim,
+             class_names (json), dataset_root, dataset_name, dataset_fingerprint, split_rule (json),
+             dtype, versions (json), created, complete, skipped (json), extraction (json)
+    /<split>/features  (N, D) float16|float32, chunked by rows, allocated up front
+    /<split>/labels    (N,) int64
+    /<split>/paths     (N,) utf-8 strings, relative to the dataset root
+    /<split>/done      (N,) bool: rows whose features are written (what resume trusts)
+
+`extraction` is the measurement of the run that finished the file (images, seconds, images_per_s,
+device, batch_size, num_workers, processes); like `created` it describes the run, not the
+features, so it is not part of the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import h5py
+import numpy as np
+
+from featcache.errors import CacheError
+
+FORMAT_VERSION = 1
+PARTIAL_SUFFIX = ".partial"
+LOCK_SUFFIX = ".lock"
+REQUIRED_ATTRS = (
+    "format_version", "key", "model", "weights", "weights_sha256", "transform", "feature_dim",
+    "class_names", "dataset_root", "dataset_name", "dataset_fingerprint", "split_rule", "dtype",
+    "versions", "created", "complete",
+)
+JSON_ATTRS = ("transform", "class_names", "split_rule", "versions", "skipped", "extraction")
+
+
+def cache_key(
+    *,
+    dataset_fingerprint: str,
+    class_names: Sequence[str],
+    split_rule: Mapping,
+    model: str,
+    weights: str,
+    weights_id: str,
+    transform: Mapping,
+    dtype: str,
+) -> str:
+    """The sha256 over everything that changes the cached features (and nothing else)."""
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "dataset_fingerprint": dataset_fingerprint,
+        "class_names": list(class_names),
+        "split_rule": dict(split_rule),
+        "model": model,
+        "weights": weights,
+        "weights_id": weights_id,
+        "transform": dict(transform),
+        "dtype": dtype,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def cache_path(cache_dir: str | Path, *, dataset_name: str, model: str, weights: str, key: str) -> Path:
+    """`<cache_dir>/<dataset>/<model>-<weights>-<key12>.h5`; `weights` is a short tag."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in weights)
+    return Path(cache_dir) / dataset_name / f"{model}-{safe}-{key[:12]}.h5"
+
+
+def partial_path(final: Path) -> Path:
+    """`<final>.partial`: where the cache `final` is written until it is complete."""
+    return final.with_name(final.name + PARTIAL_SUFFIX)
+
+
+def lock_path(final: Path) -> Path:
+    """`<final>.lock`: the file whose flock a writer of `final` holds."""
+    return final.with_name(final.name + LOCK_SUFFIX)
+
+
+def failures_path(final: Path) -> Path:
+    """`<cache stem>.failures.csv` beside the cache: the images extraction could not read (split, path, reason)."""
+    return final.with_name(final.stem + ".failures.csv")
+
+
+def encode_attr(name: str, value):
+    """The value stored for attribute `name` (JSON text for the JSON_ATTRS)."""
+    return json.dumps(value) if name in JSON_ATTRS else value
+
+
+def decode_attrs(attrs: h5py.AttributeManager) -> dict:
+    """A file's attributes as Python values: text decoded, numpy scalars unwrapped, JSON_ATTRS parsed."""
+    meta = {}
+    for name, value in attrs.items():
+        if isinstance(value, bytes):
+            value = value.decode()
+        if isinstance(value, np.generic):
+            value = value.item()
+        if name in JSON_ATTRS and isinstance(value, str):
+            value = json.loads(value)
+        meta[name] = value
+    return meta
+
+
+def timestamp() -> str:
+    """Local time as the attribute `created` and the lock file store it."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+# --------------------------------------------------------------------------- what a bad file is told
+
+
+def unreadable_cache_error(path: str | Path) -> CacheError:
+    """The error for a cache file whose bytes cannot be read as one (corrupt or truncated)."""
+    return CacheError(f"{path} is not a readable cache (corrupt or truncated); delete it and run featcache extract "
+                      "again.")
+
+
+def missing_rows_error(path: str | Path, split: str) -> CacheError:
+    """The error for a cache file with rows of `split` never written."""
+    return CacheError(f"{path} is missing rows of {split}; delete it and run featcache extract again.")
+
+
+def non_finite_error(path: str | Path, split: str, bad_rows: int, rows: int) -> CacheError:
+    """The error for a split with `bad_rows` of its `rows` holding NaN or inf features."""
+    return CacheError(f"{path}: {bad_rows} of {rows} rows of {split} hold NaN or inf features; "
+                      "delete it and run featcache extract again.")
+
+
+def non_finite_rows(features: np.ndarray) -> int:
+    """Rows of a (N, D) array with a NaN or inf."""
+    return int((~np.isfinite(features)).any(axis=1).sum()) if features.size else 0
