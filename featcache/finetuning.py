@@ -86,57 +86,6 @@ def finetune(config: FinetuneConfig, train: TrainConfig, *, resume: str | Path |
     return loop.run(mode=mode, progress=progress)
 
 
-def _resumed_settings(run_dir: Path, config: FinetuneConfig, train: TrainConfig, *,
-                      log: Log) -> tuple[Path, FinetuneConfig, TrainConfig, str | None]:
-    """The stored run's (run_dir, config, train, dataset fingerprint); UserError if the given settings differ."""
-    stored, stored_train, stored_fingerprint = _load_run_config(run_dir)
-    _check_same_settings(run_dir, (stored, stored_train), (config, train))
-    log(f"resuming {run_dir}")
-    return run_dir, stored, stored_train, stored_fingerprint
-
-
-def _check_options(config: FinetuneConfig, device: torch.device, *, log: Log) -> None:
-    """UserError for options this device cannot run; a note for options that give up parity."""
-    if config.amp and device.type != "cuda":
-        raise UserError("--amp is bf16 autocast on CUDA; add --device cuda or drop --amp.")
-    if config.augment and config.freeze_backbone:
-        log("note: --augment with --freeze-backbone departs from the cached frozen mode (no parity)")
-
-
-def _scan(config: FinetuneConfig, group: distributed.Solo, *, stored_fingerprint: str | None,
-          run_dir: Path | None) -> tuple[DatasetIndex, list[tuple[str, str, str]], str]:
-    """(the readable dataset, its unreadable images, the fingerprint of every file); UserError for unusable data."""
-    root = resolve_data_root(config.data.root, cache_dir=config.cache_dir)
-    index = scan_dataset(root, val_fraction=config.data.val_fraction,
-                         test_fraction=config.data.test_fraction, seed=config.data.split_seed)
-    fingerprint = index.fingerprint()  # of every file, readable or not: what extract's cache key covers
-    if stored_fingerprint is not None and stored_fingerprint != fingerprint:
-        raise UserError(f"The dataset {root} changed since {run_dir} started (files added, removed or edited); "
-                        "resuming would mix two datasets: start a new run without --resume.")
-    index, skipped = _drop_unreadable(index, config)
-    group.require_same((fingerprint, len(index.splits.get("train") or ())), "The processes of this torchrun group "
-                       f"see different datasets (file lists, sizes or times differ); {distributed.SAME_DATA}")
-    for split in ("train", "val", "test"):
-        if not index.splits.get(split):
-            raise UserError(f"The {split} split of {root} is empty; add images or change the split fractions.")
-    return index, skipped, fingerprint
-
-
-def _start_run_dir(config: FinetuneConfig, train: TrainConfig, *, mode: str, fingerprint: str,
-                   group: distributed.Solo) -> Path:
-    """A new run directory holding CONFIG_FILE (what --resume rebuilds the run from); rank 0 makes it."""
-    def start() -> Path:
-        new = runs.new_run_dir(runs_dir=train.runs_dir, mode=mode, model=config.model)
-        atomic_write_bytes(new / CONFIG_FILE, json.dumps(
-            {"finetune": asdict(config), "train": asdict(train), "dataset_fingerprint": fingerprint},
-            indent=2).encode())
-        return new
-
-    run_dir = group.from_main(start)  # rank 0 writes the run directory
-    group.mark_run_dir(run_dir, seed=train.seed)
-    return run_dir
-
-
 def _drop_unreadable(index: DatasetIndex, config: FinetuneConfig) -> tuple[DatasetIndex, list[tuple[str, str, str]]]:
     """Decode every image once and leave out the unreadable ones (extract's skip rule), before the plan is made.
 
@@ -215,6 +164,57 @@ def _load_run_config(run_dir: Path) -> tuple[FinetuneConfig, TrainConfig, str | 
     ft = dict(doc["finetune"])
     ft["data"] = DataConfig(**ft["data"])
     return FinetuneConfig(**ft), TrainConfig(**doc["train"]), doc.get("dataset_fingerprint")
+
+
+def _resumed_settings(run_dir: Path, config: FinetuneConfig, train: TrainConfig, *,
+                      log: Log) -> tuple[Path, FinetuneConfig, TrainConfig, str | None]:
+    """The stored run's (run_dir, config, train, dataset fingerprint); UserError if the given settings differ."""
+    stored, stored_train, stored_fingerprint = _load_run_config(run_dir)
+    _check_same_settings(run_dir, (stored, stored_train), (config, train))
+    log(f"resuming {run_dir}")
+    return run_dir, stored, stored_train, stored_fingerprint
+
+
+def _check_options(config: FinetuneConfig, device: torch.device, *, log: Log) -> None:
+    """UserError for options this device cannot run; a note for options that give up parity."""
+    if config.amp and device.type != "cuda":
+        raise UserError("--amp is bf16 autocast on CUDA; add --device cuda or drop --amp.")
+    if config.augment and config.freeze_backbone:
+        log("note: --augment with --freeze-backbone departs from the cached frozen mode (no parity)")
+
+
+def _scan(config: FinetuneConfig, group: distributed.Solo, *, stored_fingerprint: str | None,
+          run_dir: Path | None) -> tuple[DatasetIndex, list[tuple[str, str, str]], str]:
+    """(the readable dataset, its unreadable images, the fingerprint of every file); UserError for unusable data."""
+    root = resolve_data_root(config.data.root, cache_dir=config.cache_dir)
+    index = scan_dataset(root, val_fraction=config.data.val_fraction,
+                         test_fraction=config.data.test_fraction, seed=config.data.split_seed)
+    fingerprint = index.fingerprint()  # of every file, readable or not: what extract's cache key covers
+    if stored_fingerprint is not None and stored_fingerprint != fingerprint:
+        raise UserError(f"The dataset {root} changed since {run_dir} started (files added, removed or edited); "
+                        "resuming would mix two datasets: start a new run without --resume.")
+    index, skipped = _drop_unreadable(index, config)
+    group.require_same((fingerprint, len(index.splits.get("train") or ())), "The processes of this torchrun group "
+                       f"see different datasets (file lists, sizes or times differ); {distributed.SAME_DATA}")
+    for split in ("train", "val", "test"):
+        if not index.splits.get(split):
+            raise UserError(f"The {split} split of {root} is empty; add images or change the split fractions.")
+    return index, skipped, fingerprint
+
+
+def _start_run_dir(config: FinetuneConfig, train: TrainConfig, *, mode: str, fingerprint: str,
+                   group: distributed.Solo) -> Path:
+    """A new run directory holding CONFIG_FILE (what --resume rebuilds the run from); rank 0 makes it."""
+    def start() -> Path:
+        new = runs.new_run_dir(runs_dir=train.runs_dir, mode=mode, model=config.model)
+        atomic_write_bytes(new / CONFIG_FILE, json.dumps(
+            {"finetune": asdict(config), "train": asdict(train), "dataset_fingerprint": fingerprint},
+            indent=2).encode())
+        return new
+
+    run_dir = group.from_main(start)  # rank 0 writes the run directory
+    group.mark_run_dir(run_dir, seed=train.seed)
+    return run_dir
 
 
 class _PlanBatches:
