@@ -25,6 +25,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -125,8 +126,30 @@ def render_cell_image(rng: np.random.Generator, *, kind: str, size: int = 64) ->
     """One synthetic brightfield image of cells of class `kind`; returns (size, size, 3) uint8."""
     scale = size / _REF_SIZE
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5  # (H, W) pixel centres
+    look = _draw_nuisances(rng, size=size, scale=scale)
+    shapes, clustered, uneven_p = _class_traits(rng, kind, look.n_cells)
+    centres = _cell_centres(rng, look.n_cells, size=size, radius=look.mean_radius, clustered=clustered)
+    density = np.zeros((size, size))  # (H, W) optical density of stain
+    for centre, shape in zip(centres, shapes):
+        density += _cell_density(rng, yy, xx, centre=centre, shape=shape, look=look, uneven_p=uneven_p)
+    _add_debris(rng, density, yy, xx, size=size, scale=scale, contrast=look.contrast)
+    return _photograph(rng, density, look=look, scale=scale)
 
-    # Nuisances, drawn identically for every class.
+
+class _Nuisances(NamedTuple):
+    """What varies the same way in every class: cell count and size, stain, contrast, background."""
+
+    n_cells: int
+    mean_radius: float
+    stain: np.ndarray  # (3,) optical density per RGB channel
+    contrast: float
+    background: np.ndarray  # (3,) RGB in [0, 1]
+    background_field: np.ndarray  # (H, W) slow illumination variation around 1
+    texture: np.ndarray  # (H, W) in about [-1, 1]
+
+
+def _draw_nuisances(rng: np.random.Generator, *, size: int, scale: float) -> _Nuisances:
+    """The nuisances of one image, drawn identically for every class."""
     n_cells = int(rng.integers(4, 12))
     mean_radius = rng.uniform(3.5, 6.5) * scale
     stain = _HEMATOXYLIN_OD * rng.uniform(0.8, 1.2, size=3)
@@ -135,8 +158,11 @@ def render_cell_image(rng: np.random.Generator, *, kind: str, size: int = 64) ->
     background = rng.uniform(0.72, 0.95) * (1.0 - rng.uniform(0.0, 0.08, size=3))
     background_field = 1.0 + rng.uniform(0.02, 0.1) * _smooth_noise(rng, size, grid=5)
     texture = _smooth_noise(rng, size, grid=12)  # (H, W) in about [-1, 1]
+    return _Nuisances(n_cells, mean_radius, stain, contrast, background, background_field, texture)
 
-    # Class: shape of each cell, arrangement, staining.
+
+def _class_traits(rng: np.random.Generator, kind: str, n_cells: int) -> tuple[list[str], bool, float]:
+    """What the class decides: (shape of each cell, clustered or not, chance of uneven staining per cell)."""
     if kind == "normal":
         shapes = ["round"] * n_cells
         clustered = rng.random() < 0.15
@@ -156,45 +182,54 @@ def render_cell_image(rng: np.random.Generator, *, kind: str, size: int = 64) ->
         uneven_p = 0.6
     else:
         raise ValueError(f"unknown demo class {kind!r}")
+    return shapes, clustered, uneven_p
 
-    centres = _cell_centres(rng, n_cells, size=size, radius=mean_radius, clustered=clustered)
-    density = np.zeros((size, size))  # (H, W) optical density of stain
-    for (cy, cx), shape in zip(centres, shapes):
-        radius = mean_radius * rng.uniform(0.8, 1.2)  # radius of the equal-area disc
-        if shape == "elongated":
-            aspect = rng.uniform(1.8, 3.0)
-        elif shape == "lobed":
-            aspect = rng.uniform(1.0, 1.5)
-        else:
-            aspect = rng.uniform(1.0, 1.2)
-        a, b = radius * np.sqrt(aspect), radius / np.sqrt(aspect)  # semi-axes, area = pi r^2
-        angle = rng.uniform(0.0, np.pi)
-        dx, dy = xx - cx, yy - cy
-        u = (dx * np.cos(angle) + dy * np.sin(angle)) / a
-        v = (-dx * np.sin(angle) + dy * np.cos(angle)) / b
-        r = np.hypot(u, v)
-        theta = np.arctan2(v, u)
-        boundary = np.ones_like(r)
-        harmonics = (0.03, 0.03) if shape != "lobed" else (0.12, 0.25)
-        for k in (2, 3, 4, 5):
-            boundary += rng.uniform(*harmonics) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
-        cell = np.clip((boundary - r) * radius / 1.2 + 0.5, 0.0, 1.0)  # ~1 px soft edge
-        nucleus = np.clip((0.45 * boundary - r) * radius / 1.0 + 0.5, 0.0, 1.0)
-        stain_level = contrast * rng.uniform(0.8, 1.2)
-        if rng.random() < uneven_p:
-            gradient = rng.uniform(0.4, 0.8) * u * rng.choice([-1.0, 1.0])
-            local = 1.0 + np.clip(gradient + 0.5 * texture, -0.8, 1.5)
-        else:
-            local = 1.0
-        density += stain_level * (0.35 * cell * local + 0.5 * nucleus)
 
-    # Debris: a few tiny specks in every class.
+def _cell_density(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, *, centre: np.ndarray, shape: str,
+                  look: _Nuisances, uneven_p: float) -> np.ndarray:
+    """(H, W) stain optical density of one cell (cytoplasm and nucleus) of `shape` at `centre` (y, x)."""
+    cy, cx = centre
+    radius = look.mean_radius * rng.uniform(0.8, 1.2)  # radius of the equal-area disc
+    if shape == "elongated":
+        aspect = rng.uniform(1.8, 3.0)
+    elif shape == "lobed":
+        aspect = rng.uniform(1.0, 1.5)
+    else:
+        aspect = rng.uniform(1.0, 1.2)
+    a, b = radius * np.sqrt(aspect), radius / np.sqrt(aspect)  # semi-axes, area = pi r^2
+    angle = rng.uniform(0.0, np.pi)
+    dx, dy = xx - cx, yy - cy
+    u = (dx * np.cos(angle) + dy * np.sin(angle)) / a
+    v = (-dx * np.sin(angle) + dy * np.cos(angle)) / b
+    r = np.hypot(u, v)
+    theta = np.arctan2(v, u)
+    boundary = np.ones_like(r)
+    harmonics = (0.03, 0.03) if shape != "lobed" else (0.12, 0.25)
+    for k in (2, 3, 4, 5):
+        boundary += rng.uniform(*harmonics) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
+    cell = np.clip((boundary - r) * radius / 1.2 + 0.5, 0.0, 1.0)  # ~1 px soft edge
+    nucleus = np.clip((0.45 * boundary - r) * radius / 1.0 + 0.5, 0.0, 1.0)
+    stain_level = look.contrast * rng.uniform(0.8, 1.2)
+    if rng.random() < uneven_p:
+        gradient = rng.uniform(0.4, 0.8) * u * rng.choice([-1.0, 1.0])
+        local = 1.0 + np.clip(gradient + 0.5 * look.texture, -0.8, 1.5)
+    else:
+        local = 1.0
+    return stain_level * (0.35 * cell * local + 0.5 * nucleus)
+
+
+def _add_debris(rng: np.random.Generator, density: np.ndarray, yy: np.ndarray, xx: np.ndarray, *, size: int,
+                scale: float, contrast: float) -> None:
+    """Add a few tiny specks to `density` (H, W), in place: debris, in every class."""
     for _ in range(int(rng.integers(0, 6))):
         cy, cx = rng.uniform(0, size, size=2)
         speck = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (0.7 * scale) ** 2))
         density += rng.uniform(0.2, 0.8) * contrast * speck
 
-    rgb = background * background_field[..., None] * np.exp(-density[..., None] * stain)
+
+def _photograph(rng: np.random.Generator, density: np.ndarray, *, look: _Nuisances, scale: float) -> np.ndarray:
+    """The brightfield picture of stain `density` (H, W): light through the stain, blur, sensor noise; uint8 RGB."""
+    rgb = look.background * look.background_field[..., None] * np.exp(-density[..., None] * look.stain)
     image = Image.fromarray(_to_uint8(rgb), mode="RGB")
     image = image.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.3, 1.0) * scale))
     noisy = np.asarray(image, dtype=np.float64) / 255.0

@@ -109,23 +109,52 @@ def export(run_dir: str | Path, *, out: str | Path | None = None, format: str = 
     if format not in FORMATS:
         raise UserError(f"Unknown export format {format!r}; choose one of: {', '.join(FORMATS)}.")
     run = load_finished_run(run_dir)
+    module, meta, check = _module_and_check(run, weights=weights, cache=cache, data_root=data_root, atol=atol)
+    inputs, _, tolerance = check
+    out = _out_path(out, run_dir=run.run_dir, format=format)
+    worst = _write_checked(module, meta, out, format=format, check=check, mode=run.mode)
+    log(f"exported {run.mode} run {run.run_dir} ({meta['model']}, {len(meta['class_names'])} classes) "
+        f"-> {out} ({format}); check: max |logit diff| {worst:.2e} on {len(inputs)} images")
+    return ExportResult(path=out, format=format, mode=run.mode, model=meta["model"],
+                        class_names=list(meta["class_names"]), checked=len(inputs), max_abs_diff=worst,
+                        tolerance=float(np.max(tolerance)))
+
+
+def _module_and_check(run: runs.RunResult, *, weights: str | None, cache: str | Path | None,
+                      data_root: str | Path | None, atol: float) -> tuple[ExportedClassifier, dict, tuple]:
+    """(module, metadata, check) of a run: check holds what the written file must reproduce.
+
+    check = (images (n, 3, S, S) float32, expected logits (n, K) float64, tolerance (n, K) float64).
+    """
     if run.mode == "head":
         module, meta, cache_meta = _from_head_run(run, weights=weights, cache=cache)
-        inputs, expected, tolerance = _head_check(module, run, cache_meta, data_root=data_root, atol=atol)
-    else:
-        if weights is not None:
-            raise UserError(f"{run.run_dir} is a {run.mode} run: its best.pt holds every weight; drop --weights.")
-        module, meta = _from_checkpoint(run)
-        inputs = _random_images(meta["input_size"])
-        with torch.no_grad():
-            expected = module(inputs).double().numpy()  # (n, K)
-        tolerance = np.full(expected.shape, float(atol))
+        return module, meta, _head_check(module, run, cache_meta, data_root=data_root, atol=atol)
+    if weights is not None:
+        raise UserError(f"{run.run_dir} is a {run.mode} run: its best.pt holds every weight; drop --weights.")
+    module, meta = _from_checkpoint(run)
+    inputs = _random_images(meta["input_size"])
+    with torch.no_grad():
+        expected = module(inputs).double().numpy()  # (n, K)
+    return module, meta, (inputs, expected, np.full(expected.shape, float(atol)))
+
+
+def _out_path(out: str | Path | None, *, run_dir: Path, format: str) -> Path:
+    """The file to write (default: in the run directory), its folder made; UserError if it is a folder."""
     default_name = "model.pt" if format == "torchscript" else "model-state-dict.pt"
-    out = Path(out) if out is not None else run.run_dir / default_name
+    out = Path(out) if out is not None else run_dir / default_name
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; pass a file name such as {out / default_name}.")
     out.parent.mkdir(parents=True, exist_ok=True)
+    return out
 
+
+def _write_checked(module: ExportedClassifier, meta: dict, out: Path, *, format: str, check: tuple,
+                   mode: str) -> float:
+    """Write `module` beside `out`, load it back, and rename it into place only if its logits pass `check`.
+
+    Returns the largest |logit difference|; a failed check is a UserError and leaves nothing written.
+    """
+    inputs, expected, tolerance = check
     fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp_name)
@@ -140,16 +169,12 @@ def export(run_dir: str | Path, *, out: str | Path | None = None, format: str = 
             raise UserError(
                 f"Export check failed: the exported model's logits differ from the run's by up to {worst:.3g} "
                 f"(allowed {float(np.max(tolerance)):.3g}) on {len(inputs)} images; "
-                + _check_hint(run.mode)
+                + _check_hint(mode)
             )
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    log(f"exported {run.mode} run {run.run_dir} ({meta['model']}, {len(meta['class_names'])} classes) "
-        f"-> {out} ({format}); check: max |logit diff| {worst:.2e} on {len(inputs)} images")
-    return ExportResult(path=out, format=format, mode=run.mode, model=meta["model"],
-                        class_names=list(meta["class_names"]), checked=len(inputs), max_abs_diff=worst,
-                        tolerance=float(np.max(tolerance)))
+    return worst
 
 
 def _check_hint(mode: str) -> str:

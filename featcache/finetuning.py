@@ -58,39 +58,17 @@ def finetune(config: FinetuneConfig, train: TrainConfig, *, resume: str | Path |
     Returns:
         The finished run (also written to its run directory).
     """
-    stored_fingerprint = None
+    run_dir, stored_fingerprint = None, None
     if resume is not None:
-        run_dir = Path(resume)
-        stored, stored_train, stored_fingerprint = _load_run_config(run_dir)
-        _check_same_settings(run_dir, (stored, stored_train), (config, train))
-        config, train = stored, stored_train
-        log(f"resuming {run_dir}")
-    else:
-        run_dir = None
+        run_dir, config, train, stored_fingerprint = _resumed_settings(Path(resume), config, train, log=log)
     device = pick_device(config.device)
     group = distributed.join(cuda=device.type == "cuda")  # Solo in one process; DDP under torchrun
     device = group.device(device)
-    if config.amp and device.type != "cuda":
-        raise UserError("--amp is bf16 autocast on CUDA; add --device cuda or drop --amp.")
-    if config.augment and config.freeze_backbone:
-        log("note: --augment with --freeze-backbone departs from the cached frozen mode (no parity)")
-    root = resolve_data_root(config.data.root, cache_dir=config.cache_dir)
-    index = scan_dataset(root, val_fraction=config.data.val_fraction,
-                         test_fraction=config.data.test_fraction, seed=config.data.split_seed)
-    fingerprint = index.fingerprint()  # of every file, readable or not: what extract's cache key covers
-    if stored_fingerprint is not None and stored_fingerprint != fingerprint:
-        raise UserError(f"The dataset {root} changed since {run_dir} started (files added, removed or edited); "
-                        "resuming would mix two datasets: start a new run without --resume.")
-    index, skipped = _drop_unreadable(index, config)
-    group.require_same((fingerprint, len(index.splits.get("train") or ())), "The processes of this torchrun group "
-                       f"see different datasets (file lists, sizes or times differ); {distributed.SAME_DATA}")
-    for split in ("train", "val", "test"):
-        if not index.splits.get(split):
-            raise UserError(f"The {split} split of {root} is empty; add images or change the split fractions.")
+    _check_options(config, device, log=log)
+    index, skipped, fingerprint = _scan(config, group, stored_fingerprint=stored_fingerprint, run_dir=run_dir)
     backbone = build_backbone(config.model, weights=config.weights, image_size=config.image_size)
-    num_classes = len(index.class_names)
     plan = make_plan(n_train=len(index.splits["train"]), feature_dim=backbone.spec.feature_dim,
-                     num_outputs=num_outputs_for(num_classes), config=train)
+                     num_outputs=num_outputs_for(len(index.class_names)), config=train)
     distributed.check_batch_split(n_train=plan.n_train, batch_size=plan.batch_size, world_size=group.world_size)
     mode = "frozen" if config.freeze_backbone else "finetune"
     if run_dir is None and (run_dir := group.restarted_run_dir(train.runs_dir, seed=train.seed)) is not None:
@@ -98,15 +76,7 @@ def finetune(config: FinetuneConfig, train: TrainConfig, *, resume: str | Path |
             return group.from_main(lambda: runs.load_run(run_dir))
         log(f"resuming {run_dir} (torchrun restarted the processes)")
     if run_dir is None:
-        def start() -> Path:
-            new = runs.new_run_dir(runs_dir=train.runs_dir, mode=mode, model=config.model)
-            atomic_write_bytes(new / CONFIG_FILE, json.dumps(
-                {"finetune": asdict(config), "train": asdict(train), "dataset_fingerprint": fingerprint},
-                indent=2).encode())
-            return new
-
-        run_dir = group.from_main(start)  # rank 0 writes the run directory
-        group.mark_run_dir(run_dir, seed=train.seed)
+        run_dir = _start_run_dir(config, train, mode=mode, fingerprint=fingerprint, group=group)
     if skipped and group.is_main:
         atomic_write_bytes(run_dir / FAILURES_FILE, failures_csv(skipped).encode())
         log(f"{len(skipped)} unreadable image{'s' if len(skipped) != 1 else ''} skipped, listed in "
@@ -196,6 +166,57 @@ def _load_run_config(run_dir: Path) -> tuple[FinetuneConfig, TrainConfig, str | 
     return FinetuneConfig(**ft), TrainConfig(**doc["train"]), doc.get("dataset_fingerprint")
 
 
+def _resumed_settings(run_dir: Path, config: FinetuneConfig, train: TrainConfig, *,
+                      log: Log) -> tuple[Path, FinetuneConfig, TrainConfig, str | None]:
+    """The stored run's (run_dir, config, train, dataset fingerprint); UserError if the given settings differ."""
+    stored, stored_train, stored_fingerprint = _load_run_config(run_dir)
+    _check_same_settings(run_dir, (stored, stored_train), (config, train))
+    log(f"resuming {run_dir}")
+    return run_dir, stored, stored_train, stored_fingerprint
+
+
+def _check_options(config: FinetuneConfig, device: torch.device, *, log: Log) -> None:
+    """UserError for options this device cannot run; a note for options that give up parity."""
+    if config.amp and device.type != "cuda":
+        raise UserError("--amp is bf16 autocast on CUDA; add --device cuda or drop --amp.")
+    if config.augment and config.freeze_backbone:
+        log("note: --augment with --freeze-backbone departs from the cached frozen mode (no parity)")
+
+
+def _scan(config: FinetuneConfig, group: distributed.Solo, *, stored_fingerprint: str | None,
+          run_dir: Path | None) -> tuple[DatasetIndex, list[tuple[str, str, str]], str]:
+    """(the readable dataset, its unreadable images, the fingerprint of every file); UserError for unusable data."""
+    root = resolve_data_root(config.data.root, cache_dir=config.cache_dir)
+    index = scan_dataset(root, val_fraction=config.data.val_fraction,
+                         test_fraction=config.data.test_fraction, seed=config.data.split_seed)
+    fingerprint = index.fingerprint()  # of every file, readable or not: what extract's cache key covers
+    if stored_fingerprint is not None and stored_fingerprint != fingerprint:
+        raise UserError(f"The dataset {root} changed since {run_dir} started (files added, removed or edited); "
+                        "resuming would mix two datasets: start a new run without --resume.")
+    index, skipped = _drop_unreadable(index, config)
+    group.require_same((fingerprint, len(index.splits.get("train") or ())), "The processes of this torchrun group "
+                       f"see different datasets (file lists, sizes or times differ); {distributed.SAME_DATA}")
+    for split in ("train", "val", "test"):
+        if not index.splits.get(split):
+            raise UserError(f"The {split} split of {root} is empty; add images or change the split fractions.")
+    return index, skipped, fingerprint
+
+
+def _start_run_dir(config: FinetuneConfig, train: TrainConfig, *, mode: str, fingerprint: str,
+                   group: distributed.Solo) -> Path:
+    """A new run directory holding CONFIG_FILE (what --resume rebuilds the run from); rank 0 makes it."""
+    def start() -> Path:
+        new = runs.new_run_dir(runs_dir=train.runs_dir, mode=mode, model=config.model)
+        atomic_write_bytes(new / CONFIG_FILE, json.dumps(
+            {"finetune": asdict(config), "train": asdict(train), "dataset_fingerprint": fingerprint},
+            indent=2).encode())
+        return new
+
+    run_dir = group.from_main(start)  # rank 0 writes the run directory
+    group.mark_run_dir(run_dir, seed=train.seed)
+    return run_dir
+
+
 class _PlanBatches:
     """A batch sampler yielding the plan's batches of the current epoch (set `.epoch`)."""
 
@@ -210,8 +231,93 @@ class _PlanBatches:
         return self.plan.num_batches
 
 
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The training loss of every PyTorch loop: BCE on one logit for two classes, softmax cross-entropy for more.
+
+    logits: (B, K) float32, K = num_outputs_for(C); labels: (B,) int64. Returns the mean over the batch.
+    """
+    if logits.shape[1] == 1:  # two classes: one logit, BCE
+        return nn.functional.binary_cross_entropy_with_logits(logits[:, 0], labels.float())
+    return nn.functional.cross_entropy(logits, labels)
+
+
+class _Checkpoints:
+    """last.pt and best.pt of one run directory: written whole by rank 0, read back by every rank."""
+
+    def __init__(self, *, run_dir: Path, group: distributed.Solo, device: torch.device):
+        self.run_dir, self.group, self.device = run_dir, group, device
+        self.saved_epoch = 0  # epoch of last.pt (0: none)
+
+    def save(self, name: str, payload: dict) -> None:
+        """Write `payload` as run_dir/name; a full disk is a NoSpaceError saying what is left to resume from."""
+        try:
+            if self.group.is_main:  # rank 0 writes the run directory
+                atomic_write(self.run_dir / name, lambda f: torch.save(payload, f))
+            if name == LAST_CKPT:
+                self.saved_epoch = payload["epoch"]
+        except NoSpaceError as exc:
+            raise NoSpaceError(exc.path, exc.reason, f"{self.kept()}; free space in {self.run_dir.parent} and "
+                               f"continue with the same command plus --resume {self.run_dir}.") from None
+
+    def load(self, name: str) -> dict | None:
+        """A checkpoint of the run directory, or None; with DDP rank 0 reads it and sends it to the others."""
+        path = self.run_dir / name
+        if self.group.world_size == 1:
+            return torch.load(path, map_location=self.device, weights_only=False) if path.is_file() else None
+        return self.group.from_main(
+            lambda: torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None)
+
+    def kept(self) -> str:
+        """What a stopped run leaves to resume from, as a clause."""
+        if not self.saved_epoch:
+            return "no epoch had finished, so there is no checkpoint"
+        return f"{self.run_dir / LAST_CKPT} (epoch {self.saved_epoch}) is intact"
+
+    def restore(self, net: nn.Module, optimizer: torch.optim.Optimizer) -> list[metrics.EpochRecord] | None:
+        """Load last.pt into `net` and `optimizer`; the history of its finished epochs, or None without one."""
+        ckpt = self.load(LAST_CKPT)
+        if ckpt is None:
+            return None
+        net.load_state_dict(ckpt["state_dict"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        self.saved_epoch = ckpt["epoch"]
+        return [metrics.EpochRecord.from_dict(r) for r in ckpt["history"]]
+
+
+def _build_network(backbone: Backbone, plan: TrainPlan, config: FinetuneConfig, *, device: torch.device) -> nn.Module:
+    """Backbone + linear head, the head starting at the plan's init; with freeze_backbone only the head trains."""
+    net = make_finetune_net(backbone, plan.weight.shape[0]).to(device)
+    with torch.no_grad():
+        net.head.weight.copy_(torch.tensor(plan.weight))
+        net.head.bias.copy_(torch.tensor(plan.bias))
+    if config.freeze_backbone:
+        net.backbone.requires_grad_(False)
+    return net
+
+
+def _make_loaders(index: DatasetIndex, backbone: Backbone, config: FinetuneConfig, *, sampler: _PlanBatches,
+                  device: torch.device, group: distributed.Solo) -> tuple[torch.utils.data.DataLoader, dict]:
+    """(the train loader over the plan's batches, {"val"|"test": eval loader of this process's rows})."""
+    workers = config.num_workers if config.num_workers >= 0 else default_num_workers()
+    train_tf = make_train_transform(backbone.transform_desc) if config.augment else backbone.transform
+    # Not persistent: each epoch's workers then take their seeds from the per-epoch torch seed
+    # (_Loop._train_epoch), so augmentation and Dropout of a resumed run replay an uninterrupted one.
+    train_loader = torch.utils.data.DataLoader(
+        SkipUnreadable(ImageDataset(index.root, index.splits["train"], train_tf)), batch_sampler=sampler,
+        num_workers=workers, pin_memory=device.type == "cuda", collate_fn=collate_readable)
+    eval_loaders = {
+        split: torch.utils.data.DataLoader(
+            # with DDP: this process's contiguous part of the split (logits() gathers them in order)
+            SkipUnreadable(ImageDataset(index.root, group.local_rows(index.splits[split]), backbone.transform)),
+            batch_size=config.eval_batch_size, shuffle=False, num_workers=workers,
+            persistent_workers=workers > 0, pin_memory=device.type == "cuda", collate_fn=collate_readable)
+        for split in ("val", "test")
+    }
+    return train_loader, eval_loaders
+
+
 class _Loop:
-    """One training run: model, optimizer, loaders, checkpoints; `run()` trains and writes the run."""
+    """One training run: epochs of the plan, a val pass after each, checkpoints; `run()` trains and writes the run."""
 
     def __init__(self, *, config: FinetuneConfig, train: TrainConfig, plan: TrainPlan, index: DatasetIndex,
                  backbone: Backbone, device: torch.device, run_dir: Path, log: Log,
@@ -222,37 +328,17 @@ class _Loop:
         # of the scanned dataset, unreadable images included (index no longer holds them)
         self.dataset_fingerprint = dataset_fingerprint or index.fingerprint()
         self._stop = _NO_SIGNAL  # set by run(): SIGTERM received
-        self._saved_epoch = 0  # epoch of last.pt (0: none)
+        self.checkpoints = _Checkpoints(run_dir=run_dir, group=self.group, device=device)
         self.backbone = backbone
         self.num_classes = len(index.class_names)
-        self.net = make_finetune_net(backbone, plan.weight.shape[0]).to(device)
-        with torch.no_grad():
-            self.net.head.weight.copy_(torch.tensor(plan.weight))
-            self.net.head.bias.copy_(torch.tensor(plan.bias))
-        if config.freeze_backbone:
-            self.net.backbone.requires_grad_(False)
-        params = [p for p in self.net.parameters() if p.requires_grad]
-        self.optimizer = _make_optimizer(params, train)
+        self.net = _build_network(backbone, plan, config, device=device)
+        self.optimizer = _make_optimizer([p for p in self.net.parameters() if p.requires_grad], train)
         # what the training forward pass calls: with DDP, its backward averages gradients over the processes
         self.trained = self.group.wrap(self.net.head if config.freeze_backbone else self.net, device=device,
                                        sync_batchnorm=not config.freeze_backbone)
         self.sampler = _PlanBatches(plan, self.group)
-        workers = config.num_workers if config.num_workers >= 0 else default_num_workers()
-        train_tf = make_train_transform(backbone.transform_desc) if config.augment else backbone.transform
-        # Not persistent: each epoch's workers then take their seeds from the per-epoch torch seed
-        # (_train_epoch), so augmentation and Dropout of a resumed run replay an uninterrupted one.
-        self.train_loader = torch.utils.data.DataLoader(
-            SkipUnreadable(ImageDataset(index.root, index.splits["train"], train_tf)), batch_sampler=self.sampler,
-            num_workers=workers, pin_memory=device.type == "cuda", collate_fn=collate_readable)
-        self.eval_loaders = {
-            split: torch.utils.data.DataLoader(
-                # with DDP: this process's contiguous part of the split (logits() gathers them in order)
-                SkipUnreadable(ImageDataset(index.root, self.group.local_rows(index.splits[split]),
-                                            backbone.transform)),
-                batch_size=config.eval_batch_size, shuffle=False, num_workers=workers,
-                persistent_workers=workers > 0, pin_memory=device.type == "cuda", collate_fn=collate_readable)
-            for split in ("val", "test")
-        }
+        self.train_loader, self.eval_loaders = _make_loaders(index, backbone, config, sampler=self.sampler,
+                                                             device=device, group=self.group)
 
     # ---- one epoch
 
@@ -265,12 +351,8 @@ class _Loop:
         return torch.autocast(self.device.type, dtype=torch.bfloat16,
                               enabled=self.config.amp and self.device.type == "cuda")
 
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if logits.shape[1] == 1:  # two classes: one logit, BCE
-            return nn.functional.binary_cross_entropy_with_logits(logits[:, 0], labels.float())
-        return nn.functional.cross_entropy(logits, labels)
-
     def _train_epoch(self, epoch: int, bar) -> tuple[float, float]:
+        """One epoch of the plan's batches; (train loss, train acc), means over its mini-batches."""
         self._set_modes(True)
         for group in self.optimizer.param_groups:
             group["lr"] = float(self.plan.lrs[epoch])
@@ -283,35 +365,40 @@ class _Loop:
         task = bar.add_task(f"epoch {epoch + 1}/{self.plan.epochs}", total=self.plan.n_train, info="") if bar else None
         for step, (images, labels, _) in enumerate(_readable(self.train_loader)):
             self._stop_if_asked(epoch)
-            images = images.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
-            with self._autocast():
-                if self.config.freeze_backbone:
-                    with torch.no_grad():
-                        feats = self.net.backbone(images)
-                    logits = self.trained(feats.float())
-                else:
-                    logits = self.trained(images)
-                loss = self._loss(logits.float(), labels)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.group.scale_loss(loss, rows=len(labels), global_rows=int(global_sizes[step])).backward()
-            self.optimizer.step()
-            n = len(labels)
-            batch_loss = float(loss.detach())
-            pred = metrics.predict(logits.detach().float().cpu().numpy(), self.num_classes)
-            # with DDP: sums over the processes, so every one sees the global batch's numbers
-            loss_sum, right, n = self.group.sum(batch_loss * n, int((pred == labels.cpu().numpy()).sum()), n)
+            loss_sum, right, n = self._train_step(images, labels, global_rows=int(global_sizes[step]))
             loss_sums.append(loss_sum)
-            correct.append(int(right))
-            sizes.append(int(n))
+            correct.append(right)
+            sizes.append(n)
             if not math.isfinite(loss_sum):
-                break  # the divergence check below ends the run
+                break  # the divergence check of run() ends the run
             if bar:
                 done = sum(sizes)
                 bar.update(task, advance=n, info=f"loss {sum(loss_sums) / done:.4f} acc {sum(correct) / done:.3f}")
         if bar:
             bar.remove_task(task)
         return metrics.epoch_train_metrics(loss_sums, correct, sizes)
+
+    def _train_step(self, images: torch.Tensor, labels: torch.Tensor, *, global_rows: int) -> tuple[float, int, int]:
+        """One optimizer step on a batch; its (loss sum, correct, rows), with DDP summed over the processes."""
+        images = images.to(self.device, non_blocking=True)  # (B, 3, S, S) float32
+        labels = labels.to(self.device, non_blocking=True)  # (B,) int64
+        with self._autocast():
+            if self.config.freeze_backbone:
+                with torch.no_grad():
+                    feats = self.net.backbone(images)
+                logits = self.trained(feats.float())
+            else:
+                logits = self.trained(images)
+            loss = classification_loss(logits.float(), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.group.scale_loss(loss, rows=len(labels), global_rows=global_rows).backward()
+        self.optimizer.step()
+        n = len(labels)
+        batch_loss = float(loss.detach())
+        pred = metrics.predict(logits.detach().float().cpu().numpy(), self.num_classes)
+        # with DDP: sums over the processes, so every one sees the global batch's numbers
+        loss_sum, right, n = self.group.sum(batch_loss * n, int((pred == labels.cpu().numpy()).sum()), n)
+        return loss_sum, int(right), int(n)
 
     @torch.no_grad()
     def logits(self, split: str) -> np.ndarray:
@@ -326,29 +413,15 @@ class _Loop:
 
     # ---- checkpoints
 
-    def _save(self, name: str, payload: dict) -> None:
-        try:
-            if self.group.is_main:  # rank 0 writes the run directory
-                atomic_write(self.run_dir / name, lambda f: torch.save(payload, f))
-            if name == LAST_CKPT:
-                self._saved_epoch = payload["epoch"]
-        except NoSpaceError as exc:
-            raise NoSpaceError(exc.path, exc.reason, f"{self._kept()}; free space in {self.run_dir.parent} and "
-                               f"continue with the same command plus --resume {self.run_dir}.") from None
-
-    def _kept(self) -> str:
-        """What a stopped run leaves to resume from, as a clause."""
-        if not self._saved_epoch:
-            return "no epoch had finished, so there is no checkpoint"
-        return f"{self.run_dir / LAST_CKPT} (epoch {self._saved_epoch}) is intact"
-
     def _stop_if_asked(self, epoch: int) -> None:
         """After SIGTERM: stop at this batch boundary; the checkpoint of the last finished epoch is what resume uses."""
         if self._stop.is_set():
-            raise TerminatedError(f"Stopped by SIGTERM in epoch {epoch + 1} of {self.plan.epochs}; {self._kept()}; "
-                                  f"continue with the same command plus --resume {self.run_dir}.")
+            raise TerminatedError(f"Stopped by SIGTERM in epoch {epoch + 1} of {self.plan.epochs}; "
+                                  f"{self.checkpoints.kept()}; continue with the same command plus --resume "
+                                  f"{self.run_dir}.")
 
     def _state(self, epoch: int, history: list[metrics.EpochRecord]) -> dict:
+        """The checkpoint after `epoch` finished epochs: network, optimizer, history and what export needs."""
         return {
             "epoch": epoch, "model": self.config.model, "class_names": list(self.index.class_names),
             "transform": self.backbone.transform_desc, "weights": self.backbone.weights_tag,
@@ -358,41 +431,28 @@ class _Loop:
             "history": [r.to_dict() for r in history],
         }
 
-    def _load(self, name: str) -> dict | None:
-        """A checkpoint of the run directory, or None; with DDP rank 0 reads it and sends it to the others."""
-        path = self.run_dir / name
-        if self.group.world_size == 1:
-            return torch.load(path, map_location=self.device, weights_only=False) if path.is_file() else None
-        return self.group.from_main(
-            lambda: torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None)
-
-    def _restore(self) -> list[metrics.EpochRecord]:
-        ckpt = self._load(LAST_CKPT)
-        if ckpt is None:
-            return []
-        self.net.load_state_dict(ckpt["state_dict"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        history = [metrics.EpochRecord.from_dict(r) for r in ckpt["history"]]
-        self._saved_epoch = ckpt["epoch"]
-        self.log(f"continuing after epoch {len(history)} of {self.plan.epochs}")
-        return history
+    def _checkpoint(self, epoch: int, history: list[metrics.EpochRecord]) -> None:
+        """After epoch `epoch` (0-based): best.pt if it is the selected epoch so far, last.pt always."""
+        if metrics.select_epoch(history) == len(history) - 1:
+            self.checkpoints.save(BEST_CKPT, self._state(epoch + 1, history))
+        self.checkpoints.save(LAST_CKPT, self._state(epoch + 1, history))
 
     # ---- the run
 
     def run(self, *, mode: str, progress: bool) -> runs.RunResult:
-        history = self._restore()
+        """Train the epochs left (after last.pt's, if any), then score the selected epoch and write the run."""
+        history = self.checkpoints.restore(self.net, self.optimizer)
+        if history is None:
+            history = []
+        else:
+            self.log(f"continuing after epoch {len(history)} of {self.plan.epochs}")
         val_labels = np.array([s.label for s in self.index.splits["val"]])
         diverged = None
         # Under torchrun, SIGTERM is how the agent stops the survivors of a failed rank (which may be waiting
         # in a collective, never reaching a batch boundary): it keeps its default there.
         with _sigterm_flag(enabled=self.group.world_size == 1) as self._stop, progress_bar(progress) as bar:
             for epoch in range(len(history), self.plan.epochs):
-                t0 = time.perf_counter()
-                train_loss, train_acc = self._train_epoch(epoch, bar)
-                val_loss, val_acc = metrics.evaluate(self.logits("val"), val_labels, self.num_classes)
-                record = metrics.EpochRecord(epoch=epoch + 1, lr=float(self.plan.lrs[epoch]),
-                                             train_loss=train_loss, train_acc=train_acc, val_loss=val_loss,
-                                             val_acc=val_acc, seconds=time.perf_counter() - t0)
+                record = self._epoch(epoch, bar, val_labels)
                 diverged = metrics.divergence_reason(history, record, num_classes=self.num_classes)
                 history.append(record)
                 self.log(_epoch_line(record, self.plan.epochs))
@@ -401,21 +461,24 @@ class _Loop:
                             else "no epoch finished before it, so there is no checkpoint")
                     self.log(f"stopped: {diverged}; {kept}")
                     break
-                if metrics.select_epoch(history) == len(history) - 1:
-                    self._save(BEST_CKPT, self._state(epoch + 1, history))
-                self._save(LAST_CKPT, self._state(epoch + 1, history))
+                self._checkpoint(epoch, history)
                 if epoch + 1 < self.plan.epochs:
                     self._stop_if_asked(epoch + 1)
         return self._finish(mode=mode, history=history, diverged=diverged)
 
+    def _epoch(self, epoch: int, bar, val_labels: np.ndarray) -> metrics.EpochRecord:
+        """Train epoch `epoch` (0-based), then one val pass: its record."""
+        t0 = time.perf_counter()
+        train_loss, train_acc = self._train_epoch(epoch, bar)
+        val_loss, val_acc = metrics.evaluate(self.logits("val"), val_labels, self.num_classes)
+        return metrics.EpochRecord(epoch=epoch + 1, lr=float(self.plan.lrs[epoch]), train_loss=train_loss,
+                                   train_acc=train_acc, val_loss=val_loss, val_acc=val_acc,
+                                   seconds=time.perf_counter() - t0)
+
     def _finish(self, *, mode: str, history: list[metrics.EpochRecord], diverged: str | None) -> runs.RunResult:
+        """Test metrics of the selected epoch; rank 0 writes the run directory; every rank gets the result."""
         good = history[:-1] if diverged else history
-        best = self._load(BEST_CKPT) if good else None
-        if best is not None:
-            self.net.load_state_dict(best["state_dict"])
-            test_logits = self.logits("test")
-        else:  # diverged in the first epoch: nothing good to score
-            test_logits = np.full((len(self.index.splits["test"]), self.plan.weight.shape[0]), np.nan, np.float32)
+        test_logits = self._test_logits(scored=bool(good))
         test_labels = np.array([s.label for s in self.index.splits["test"]])
         selected = metrics.select_epoch(good or history)
         summary = metrics.summarize(history, selected, test_logits=test_logits, test_labels=test_labels,
@@ -424,20 +487,41 @@ class _Loop:
         if not self.group.is_main:
             return self.group.broadcast(None)  # rank 0 writes the run directory and sends its result
         head = self.net.head
-        runs.save_head(self.run_dir / runs.HEAD_FILE, weight=head.weight.detach().cpu().numpy(),
-                       bias=head.bias.detach().cpu().numpy(), class_names=self.index.class_names)
-        runs.write_history_csv(self.run_dir / runs.HISTORY_FILE, history)
-        plots.plot_curves(history, self.run_dir / runs.CURVES_FILE,
-                          f"{self.config.model} — {mode}", selected=selected)
-        result = runs.finish_run(
-            self.run_dir, mode=mode, model=self.config.model, config=self.train, summary=summary,
-            history=history, timings={"train_s": sum(r.seconds for r in history)},
-            versions=library_versions(),
-            extra={"finetune": asdict(self.config), "dataset_root": str(self.index.root),
-                   "dataset_fingerprint": self.dataset_fingerprint, "weights": self.backbone.weights_tag,
-                   "transform": self.backbone.transform_desc, "diverged_reason": diverged},
-        )
-        return self.group.broadcast(result)
+        return self.group.broadcast(_write_run(
+            self.run_dir, mode=mode, config=self.config, train=self.train, backbone=self.backbone,
+            index=self.index, dataset_fingerprint=self.dataset_fingerprint,
+            head=(head.weight.detach().cpu().numpy(), head.bias.detach().cpu().numpy()),
+            history=history, summary=summary, selected=selected, diverged=diverged))
+
+    def _test_logits(self, *, scored: bool) -> np.ndarray:
+        """(N_test, K) float32 logits of best.pt's weights; NaN when no epoch was good enough to score."""
+        best = self.checkpoints.load(BEST_CKPT) if scored else None
+        if best is None:  # diverged in the first epoch: nothing good to score
+            return np.full((len(self.index.splits["test"]), self.plan.weight.shape[0]), np.nan, np.float32)
+        self.net.load_state_dict(best["state_dict"])
+        return self.logits("test")
+
+
+def _write_run(run_dir: Path, *, mode: str, config: FinetuneConfig, train: TrainConfig, backbone: Backbone,
+               index: DatasetIndex, dataset_fingerprint: str, head: tuple[np.ndarray, np.ndarray],
+               history: list[metrics.EpochRecord], summary: metrics.RunSummary, selected: int,
+               diverged: str | None) -> runs.RunResult:
+    """head.npz, history.csv, curves.png and metrics.json of a finished run (rank 0 only).
+
+    head: (weight (K, D) float32, bias (K,) float32) of the selected epoch.
+    """
+    weight, bias = head
+    runs.save_head(run_dir / runs.HEAD_FILE, weight=weight, bias=bias, class_names=index.class_names)
+    runs.write_history_csv(run_dir / runs.HISTORY_FILE, history)
+    plots.plot_curves(history, run_dir / runs.CURVES_FILE, f"{config.model} — {mode}", selected=selected)
+    return runs.finish_run(
+        run_dir, mode=mode, model=config.model, config=train, summary=summary,
+        history=history, timings={"train_s": sum(r.seconds for r in history)},
+        versions=library_versions(),
+        extra={"finetune": asdict(config), "dataset_root": str(index.root),
+               "dataset_fingerprint": dataset_fingerprint, "weights": backbone.weights_tag,
+               "transform": backbone.transform_desc, "diverged_reason": diverged},
+    )
 
 
 class _Flag:

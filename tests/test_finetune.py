@@ -187,7 +187,7 @@ import sys, time
 import featcache.finetuning as ft
 
 kill_after = int(sys.argv[1])
-_save = ft._Loop._save
+_save = ft._Checkpoints.save
 
 
 def save(self, name, payload):
@@ -196,7 +196,7 @@ def save(self, name, payload):
         time.sleep(600)  # the test kills this process here, between two epochs
 
 
-ft._Loop._save = save
+ft._Checkpoints.save = save
 from featcache.cli import main
 
 sys.argv = ["featcache", *sys.argv[2:]]

@@ -507,14 +507,14 @@ def test_a_full_disk_is_a_clear_error_and_loses_nothing(small_disk, clean):
     runs_dir = folder / "runs"
     ft = ["finetune", *MODEL, "--data", clean, "--freeze-backbone", "--epochs", 2, "--batch-size", 8, "--lr", 0.05,
           "--num-workers", 0, "--quiet", "--runs-dir", runs_dir]
-    real_save = featcache.finetuning._Loop._save
+    real_save = featcache.finetuning._Checkpoints.save
 
     def save_then_fill(self, name, payload):
         real_save(self, name, payload)
         if name == "last.pt" and payload["epoch"] == 1:
             exhaust(1_000_000)  # a resnet18 checkpoint is ~45 MB
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(featcache.finetuning._Loop, "_save", save_then_fill)
+        mp.setattr(featcache.finetuning._Checkpoints, "save", save_then_fill)
         try:
             error = _one_error_line(_invoke(*ft), 6)
         finally:
@@ -539,15 +539,15 @@ def test_sigterm_stops_at_a_batch_boundary_and_resume_refuses_other_settings(cle
     clean_run = _invoke(*args, "--runs-dir", tmp_path / "clean")
     assert clean_run.exit_code == 0, clean_run.output
     before = signal.getsignal(signal.SIGTERM)
-    real_loss, sent = featcache.finetuning._Loop._loss, []
+    real_step, sent = featcache.finetuning._Loop._train_step, []
 
-    def loss_then_sigterm(self, logits, labels):  # in the first batch of epoch 2
+    def step_then_sigterm(self, images, labels, **kwargs):  # in the first batch of epoch 2
         if self.sampler.epoch == 1 and not sent:
             assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, before)  # else SIGTERM ends pytest
             os.kill(os.getpid(), signal.SIGTERM)
             sent.append(True)
-        return real_loss(self, logits, labels)
-    monkeypatch.setattr(featcache.finetuning._Loop, "_loss", loss_then_sigterm)
+        return real_step(self, images, labels, **kwargs)
+    monkeypatch.setattr(featcache.finetuning._Loop, "_train_step", step_then_sigterm)
     error = _one_error_line(_invoke(*args, "--runs-dir", tmp_path / "runs"), 143)
     monkeypatch.undo()
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is the caller's again
