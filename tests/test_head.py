@@ -15,8 +15,8 @@ import torch
 import featcache.cache
 from featcache import metrics, runs
 from featcache.config import TrainConfig
-from featcache.head import (fit_head, linear_from_params, masked_loss, params_from_linear, train_head,
-                            update_direction)
+from featcache.head import fit_head, linear_from_params, masked_loss, params_from_linear, update_direction
+from featcache.head_runs import train_head
 from featcache.plan import make_plan, num_outputs_for
 
 ROOT = Path(__file__).resolve().parents[1]
