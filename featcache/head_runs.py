@@ -82,15 +82,8 @@ def head_train(*, cache: str | Path, config: TrainConfig, solver: str = DEFAULT_
     seed_list = (list(range(config.seed, config.seed + seeds)) if isinstance(seeds, int)
                  else [int(s) for s in seeds])
     grid = grid or (len(lrs), len(weight_decays), len(seed_list)) != (1, 1, 1)  # an empty list: the grid says so
-    if stream and (grid or solver != "sgd"):
-        raise UserError("--stream trains one head with --solver sgd (the grid and ridge load the cache whole); "
-                        "drop --stream, or the --lr/--weight-decay lists, --seeds and --solver ridge.")
-    if l2s is not None and solver != "ridge":
-        raise UserError("--l2 sets the strengths of --solver ridge; add --solver ridge or drop --l2.")
+    check_combination(solver=solver, grid=grid, stream=stream, l2s=l2s)
     if solver == "ridge":
-        if grid:
-            raise UserError("--solver ridge is deterministic and searches --l2; drop the --lr/--weight-decay lists "
-                            "and --seeds.")
         return train_ridge(cache=cache, config=config, l2s=l2s, run_name=run_name, progress=progress)
     if grid:
         return train_grid(cache=cache, config=config, lrs=lrs, weight_decays=weight_decays, seeds=seed_list,
@@ -98,6 +91,22 @@ def head_train(*, cache: str | Path, config: TrainConfig, solver: str = DEFAULT_
     config = dataclasses.replace(config, lr=lrs[0], weight_decay=weight_decays[0], seed=seed_list[0])
     return train_head(cache=cache, config=config, run_name=run_name, progress=progress, stream=stream,
                       stream_memory_mib=stream_memory_mib)
+
+
+def check_combination(*, solver: str, grid: bool, stream: bool | None, l2s: Sequence[float] | None) -> None:
+    """A one-sentence UserError when head-train's options do not combine.
+
+    solver: a name in SOLVERS; grid: more than one lr, weight decay or seed asked for (or the grid's run);
+    stream and l2s: as given to head_train.
+    """
+    if stream and (grid or solver != "sgd"):
+        raise UserError("--stream trains one head with --solver sgd (the grid and ridge load the cache whole); "
+                        "drop --stream, or the --lr/--weight-decay lists, --seeds and --solver ridge.")
+    if l2s is not None and solver != "ridge":
+        raise UserError("--l2 sets the strengths of --solver ridge; add --solver ridge or drop --l2.")
+    if solver == "ridge" and grid:
+        raise UserError("--solver ridge is deterministic and searches --l2; drop the --lr/--weight-decay lists "
+                        "and --seeds.")
 
 
 # --------------------------------------------------------------------------- one solver each
