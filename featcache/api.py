@@ -54,12 +54,12 @@ def train_head(*, cache: str | Path, run_name: str | None = None, progress: bool
     results); None streams only when loading would not fit in the memory available.
     """
     from featcache.config import TrainConfig
-    from featcache.head import train_head as _train
+    from featcache.head_runs import head_train
 
     config = TrainConfig(**_split_kwargs(TrainConfig, options))
     _reject_unknown(options)
-    return _train(cache=cache, config=config, run_name=run_name, progress=progress, stream=stream,
-                  stream_memory_mib=stream_memory_mib)
+    return head_train(cache=cache, config=config, run_name=run_name, progress=progress, stream=stream,
+                      stream_memory_mib=stream_memory_mib)
 
 
 def finetune(*, model: str, data: str | Path, resume: str | Path | None = None, progress: bool = False,
@@ -129,13 +129,12 @@ def train_grid(*, cache: str | Path, lrs, weight_decays=(0.0,), seeds=1, run_nam
     selected cell's intervals.
     """
     from featcache.config import TrainConfig
-    from featcache.sweep import train_grid as _train_grid
+    from featcache.head_runs import head_train
 
     config = TrainConfig(**_split_kwargs(TrainConfig, options))
     _reject_unknown(options)
-    seed_list = range(config.seed, config.seed + seeds) if isinstance(seeds, int) else list(seeds)
-    return _train_grid(cache=cache, config=config, lrs=list(lrs), weight_decays=list(weight_decays),
-                       seeds=seed_list, run_name=run_name, progress=progress)
+    return head_train(cache=cache, config=config, lrs=list(lrs), weight_decays=list(weight_decays), seeds=seeds,
+                      grid=True, run_name=run_name, progress=progress)
 
 
 def train_ridge(*, cache: str | Path, l2s=None, run_name: str | None = None, progress: bool = False, **options):
@@ -145,12 +144,11 @@ def train_ridge(*, cache: str | Path, l2s=None, run_name: str | None = None, pro
     extra["solver"] = "ridge", extra["ridge"] = the whole path).
     """
     from featcache.config import TrainConfig
-    from featcache.ridge import DEFAULT_L2S, train_ridge as _train_ridge
+    from featcache.head_runs import head_train
 
     config = TrainConfig(**_split_kwargs(TrainConfig, options))
     _reject_unknown(options)
-    return _train_ridge(cache=cache, config=config, l2s=DEFAULT_L2S if l2s is None else l2s, run_name=run_name,
-                        progress=progress)
+    return head_train(cache=cache, config=config, solver="ridge", l2s=l2s, run_name=run_name, progress=progress)
 
 
 def finetune_seeds(*, model: str, data: str | Path, seeds: int, progress: bool = False, **options) -> list:

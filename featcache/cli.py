@@ -342,25 +342,31 @@ def cache_verify(file):
     click.echo(f"{file}: ok")
 
 
+from featcache.head_runs import DEFAULT_SOLVER, SOLVER_ALIASES, SOLVERS  # noqa: E402  (head-train --solver)
+
+
 @cli.command("head-train")
 @click.option("--cache", "cache_file", type=click.Path(dir_okay=False), default=None,
               help="A cache file from featcache extract (or give --model and --data to find it by key).")
 @click.option("--model", type=MODEL_CHOICE, default=None, help="Find the cache of this backbone ...")
 @click.option("--data", default=None, metavar="DIR|demo", help="... over this dataset (with --model).")
-@click.option("--val-fraction", default=0.15, show_default=True, type=FRACTION,
+@click.option("--val-fraction", default=DataConfig.val_fraction, show_default=True, type=FRACTION,
               help="As given to extract (carved splits).")
-@click.option("--test-fraction", default=0.15, show_default=True, type=FRACTION,
+@click.option("--test-fraction", default=DataConfig.test_fraction, show_default=True, type=FRACTION,
               help="As given to extract (carved splits).")
-@click.option("--split-seed", default=0, show_default=True, help="As given to extract (carved splits).")
+@click.option("--split-seed", default=DataConfig.split_seed, show_default=True,
+              help="As given to extract (carved splits).")
 @backbone_options
 @grid_train_options
 @click.option("--seeds", default=1, show_default=True, type=click.IntRange(1),
               help="Train every setting with K seeds (--seed, --seed+1, ...) and report mean ± 95 % CI.")
-@click.option("--solver", type=click.Choice(["optax", "ridge"]), default="optax", show_default=True,
-              help="optax: the trained head; ridge: closed-form ridge regression on one-hot targets.")
+@click.option("--solver", type=click.Choice([*SOLVERS, *SOLVER_ALIASES]), default=DEFAULT_SOLVER, show_default=True,
+              help="sgd: the trained head (--optimizer sgd|adam|adamw; 'optax' is its old name); "
+                   "ridge: closed-form ridge regression on one-hot targets.")
 @click.option("--l2", "l2s", type=FloatList(), default=None, metavar="X[,X...]",
               help="--solver ridge: the L2 strengths searched (selected on val).  [default: 2^-10 ... 2^20]")
-@click.option("--standardize", is_flag=True, help="Z-score features with the train mean/std (stored in head.npz).")
+@click.option("--standardize", is_flag=True, default=TrainConfig.standardize,
+              help="Z-score features with the train mean/std (stored in head.npz).")
 @click.option("--stream/--no-stream", default=None,
               help="Read the train rows from the cache a block at a time in batch order instead of loading every "
                    "split: for caches larger than memory; the same results.  [default: only when loading would "
@@ -389,6 +395,8 @@ def head_train(cache_file, model, data, val_fraction, test_fraction, split_seed,
       featcache head-train --cache FILE --solver ridge --standardize
       featcache head-train --cache FILE --stream --stream-memory 2048
     """
+    from featcache.errors import DivergedError
+    from featcache.head_runs import diverged_message, head_train as run_head_train
     from featcache.reporting import print_summary
 
     lrs, weight_decays = kwargs.pop("lr"), kwargs.pop("weight_decay")
@@ -397,44 +405,11 @@ def head_train(cache_file, model, data, val_fraction, test_fraction, split_seed,
         cache_file = _find_cache(model, data, DataConfig(root=data or "", val_fraction=val_fraction,
                                                          test_fraction=test_fraction, split_seed=split_seed),
                                  weights=weights, image_size=image_size, dtype=dtype, cache_dir=cache_dir)
-    grid = len(lrs) > 1 or len(weight_decays) > 1 or seeds > 1
-    if stream and (grid or solver == "ridge"):
-        raise UserError("--stream trains one head with --solver optax (the grid and ridge load the cache whole); "
-                        "drop --stream, or the --lr/--weight-decay lists, --seeds and --solver ridge.")
-    if l2s and solver != "ridge":
-        raise UserError("--l2 sets the strengths of --solver ridge; add --solver ridge or drop --l2.")
-    if solver == "ridge":
-        if len(lrs) > 1 or len(weight_decays) > 1 or seeds > 1:
-            raise UserError("--solver ridge is deterministic and searches --l2; drop the --lr/--weight-decay lists "
-                            "and --seeds.")
-        from featcache.ridge import DEFAULT_L2S, train_ridge
-
-        result = train_ridge(cache=cache_file, config=config, l2s=l2s or DEFAULT_L2S, run_name=run_name)
-    elif grid:
-        from featcache.sweep import train_grid
-
-        result = train_grid(cache=cache_file, config=config, lrs=lrs, weight_decays=weight_decays,
-                            seeds=range(config.seed, config.seed + seeds), run_name=run_name)
-    else:
-        from featcache.head import train_head
-
-        result = train_head(cache=cache_file, config=config, run_name=run_name, progress=True, stream=stream,
-                            stream_memory_mib=stream_memory)
+    result = run_head_train(cache=cache_file, config=config, solver=solver, lrs=lrs, weight_decays=weight_decays,
+                            seeds=seeds, l2s=l2s, stream=stream, stream_memory_mib=stream_memory, run_name=run_name)
     print_summary(result)
     if result.diverged:
-        from featcache.errors import DivergedError
-
-        raise DivergedError(f"Training diverged ({_divergence(result)}); lower --lr. The run {result.run_dir} is "
-                            "kept and marked diverged.")
-
-
-def _divergence(result) -> str:
-    """The divergence guard's reason for the first diverged epoch of a run."""
-    from featcache.metrics import divergence_reason
-
-    reasons = (divergence_reason(result.history[:i], r, num_classes=len(result.class_names))
-               for i, r in enumerate(result.history))
-    return next((r for r in reasons if r), "loss NaN/inf")
+        raise DivergedError(diverged_message(result))
 
 
 def _find_cache(model, data, data_config, *, weights, image_size, dtype, cache_dir) -> str:
@@ -621,7 +596,7 @@ def demo(model, weights, image_size, epochs, finetune_epochs, lr, cache_dir, run
     from featcache.datasets import resolve_data_root
     from featcache.extraction import extract as run_extract
     from featcache.finetuning import finetune as run_finetune
-    from featcache.head import train_head
+    from featcache.head_runs import train_head
     from featcache.reporting import compare_runs, print_summary
 
     root = resolve_data_root("demo", cache_dir=cache_dir)

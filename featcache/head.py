@@ -6,7 +6,9 @@ logits and the parameters, so Python only turns those into metrics afterwards. T
 (featcache.plan) fixes init, batch order and lr per epoch, and the optax chains reproduce
 torch.optim's arithmetic, so `featcache finetune --freeze-backbone` follows the same steps.
 
-N = training rows, D = feature dim, C = classes, K = logits (1 for two classes, else C),
+Pure fitting on arrays: no cache file, no run directory, no printing (featcache.head_runs does those).
+
+N = training rows, D = feature dim, C = classes, K = logits (plan.num_outputs_for(C)),
 E = epochs, B = batches per epoch, S = batch size.
 
 Never imports torch (tests check `sys.modules`).
@@ -15,10 +17,8 @@ Never imports torch (tests check `sys.modules`).
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -27,18 +27,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from featcache import metrics, runs
+from featcache import metrics
 from featcache.config import TrainConfig
-from featcache.errors import UserError
 from featcache.metrics import EpochRecord, RunSummary
 from featcache.plan import TrainPlan, check_config, make_plan, num_outputs_for
-from featcache.standardize import STD_FLOOR, standardization  # noqa: F401  (STD_FLOOR: re-exported)
+from featcache.runs import HeadWeights
+from featcache.standardize import Arrays, HeadData, prepare_splits
 
 # torch.optim.Adam / AdamW defaults
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
-
-Arrays = tuple[np.ndarray, np.ndarray]  # features (N, D), labels (N,)
 
 
 class LinearHead(nn.Module):
@@ -313,59 +311,18 @@ class HeadFit:
     def diverged(self) -> bool:
         return self.summary.diverged
 
-
-def _features(x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(x, dtype=np.float32)  # float16 caches are trained in float32
-
-
-@dataclass(frozen=True)
-class HeadData:
-    """The three splits checked and in float32, z-scored with the train mean/std under config.standardize."""
-
-    x_train: np.ndarray  # (N, D) float32
-    y_train: np.ndarray  # (N,) int64
-    x_val: np.ndarray  # (Nv, D)
-    y_val: np.ndarray  # (Nv,)
-    x_test: np.ndarray  # (Nt, D)
-    y_test: np.ndarray  # (Nt,)
-    mean: np.ndarray | None  # (D,) float32 with standardize, else None
-    std: np.ndarray | None  # (D,)
-    class_names: list[str]  # C names
-
     @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
+    def head_weights(self) -> HeadWeights:
+        """The selected epoch's head, as head.npz stores it."""
+        return HeadWeights(weight=self.weight, bias=self.bias, mean=self.mean, std=self.std)
 
 
 def prepare_data(train: Arrays, val: Arrays, test: Arrays, *, num_classes: int, config: TrainConfig,
                  class_names: Sequence[str] | None = None) -> HeadData:
-    """Check the splits (user errors for empty splits and foreign labels) and standardize them if asked."""
+    """Check the config and the splits and standardize them under config.standardize (standardize.prepare_splits)."""
     check_config(config)
-    names = [str(i) for i in range(num_classes)] if class_names is None else [str(c) for c in class_names]
-    if len(names) != num_classes:
-        raise ValueError(f"{len(names)} class names for {num_classes} classes")
-    (x_train, y_train), (x_val, y_val), (x_test, y_test) = [
-        (_features(x), np.asarray(y, dtype=np.int64)) for x, y in (train, val, test)]
-    for split, (x, y) in zip(("train", "val", "test"), ((x_train, y_train), (x_val, y_val), (x_test, y_test))):
-        check_labels(split, y, num_classes)
-        if x.ndim != 2 or x.shape[0] != len(y) or x.shape[1] != x_train.shape[1]:
-            raise ValueError(f"{split}: features {x.shape} do not match labels {y.shape} / train dim")
-
-    mean = std = None
-    if config.standardize:
-        mean, std = standardization(x_train)
-        x_train, x_val, x_test = [(x - mean) / std for x in (x_train, x_val, x_test)]
-    return HeadData(x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_val, x_test=x_test, y_test=y_test,
-                    mean=mean, std=std, class_names=names)
-
-
-def check_labels(split: str, labels: np.ndarray, num_classes: int) -> None:
-    """UserError for an empty split or labels outside 0..num_classes-1 (every head-train path checks this)."""
-    if len(labels) == 0:
-        raise UserError(f"The {split} split is empty; the head needs train, val and test rows.")
-    if labels.min() < 0 or labels.max() >= num_classes:
-        raise UserError(f"The {split} labels fall outside the {num_classes} classes; the cache is inconsistent, "
-                        "extract it again.")
+    return prepare_splits(train, val, test, num_classes=num_classes, standardize=config.standardize,
+                          class_names=class_names)
 
 
 def program_args(plan: TrainPlan, data: HeadData) -> tuple:
@@ -381,7 +338,7 @@ def fit_head(train: Arrays, val: Arrays, test: Arrays, *, num_classes: int, conf
 
     Args:
         train, val, test: (features (N, D) float32|float16, labels (N,) int in [0, num_classes)).
-        num_classes: C >= 2; two classes train one logit with BCE, more train C with softmax CE.
+        num_classes: C >= 2; the head has plan.num_outputs_for(C) logits (BCE on one, or softmax CE).
         config: the TrainConfig (runs_dir is not used here).
         class_names: C names for the summary; default "0", "1", ...
 
@@ -458,107 +415,3 @@ def finish_fit(history: list[EpochRecord], *, plan: TrainPlan, epoch_weights: np
     return HeadFit(history=history, selected=selected, summary=summary, epoch_weights=epoch_weights,
                    epoch_biases=epoch_biases, weight=weight, bias=bias, mean=mean, std=std,
                    test_logits=logits, timings=dict(timings), plan=plan)
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": sys.version.split()[0]}
-    for pkg in ("featcache", "numpy", "jax", "jaxlib", "flax", "optax", "h5py"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "unknown"
-    return out
-
-
-def _say(progress: bool, message: str) -> None:
-    if progress:
-        print(message, file=sys.stderr, flush=True)
-
-
-def train_head(*, cache: str | Path, config: TrainConfig, run_name: str | None = None,
-               progress: bool = True, stream: bool | None = None, stream_memory_mib: int | None = None
-               ) -> runs.RunResult:
-    """Train the linear head on a feature cache and write its run directory.
-
-    Args:
-        cache: a complete cache file written by `featcache extract`.
-        config: training settings; the run directory goes under config.runs_dir.
-        run_name: the run directory's name; None = `<time>-head-<model>`.
-        progress: one line per phase on stderr (and a progress bar when streaming).
-        stream: True = read the train rows from the file block by block in plan order
-            (featcache.stream), never loading the features whole; False = load every split;
-            None = stream only when loading would not fit in the memory available now.
-        stream_memory_mib: memory for the streamed blocks; None = stream.block_memory_mib (1024 MiB or
-            a quarter of the memory available).
-
-    Returns:
-        The RunResult (summary, history, run_dir, config, timings load_s/compile_s/train_s, and
-        read_s/wait_s when streamed). A diverged training (metrics.divergence_reason: NaN/inf loss,
-        or a train-loss jump) still writes its run, with summary.diverged set.
-    """
-    from featcache.cache import read_meta
-    from featcache.plots import plot_curves
-
-    check_config(config)
-    meta = read_meta(cache)
-    class_names = list(meta["class_names"])
-    extra: dict = {}
-    available = None
-    if stream is None or (stream and stream_memory_mib is None):
-        from featcache import stream as streaming
-        from featcache.environment import memory_available
-
-        available = memory_available()
-    if stream is None:
-        stream = streaming.needs_streaming(meta, available)
-        if stream:
-            _say(progress, f"The features need about {streaming.in_memory_bytes(meta) / 2**30:.1f} GiB in memory, more "
-                           f"than the {available / 2**30:.1f} GiB available: streaming them from "
-                           "the file (--no-stream loads them anyway).")
-    if stream:
-        from featcache.cache import FeatureReader
-        from featcache.stream import block_memory_mib, block_rows_for, fit_streamed
-
-        block_rows = block_rows_for(feature_dim=int(meta["feature_dim"]), batch_size=config.batch_size,
-                                    memory_mib=stream_memory_mib or block_memory_mib(available))
-        with FeatureReader(cache) as reader:
-            fit, extra["stream"] = fit_streamed(reader, config=config, block_rows=block_rows, progress=progress,
-                                                say=lambda message: _say(progress, message))
-        timings = dict(fit.timings)
-        waited = (f" (reading took {timings['read_s']:.2f} s in a thread beside it; training waited "
-                  f"{timings['wait_s']:.2f} s for it)")
-    else:
-        from featcache.cache import load_features
-
-        t0 = time.perf_counter()
-        splits = {s: load_features(cache, s) for s in ("train", "val", "test")}
-        load_s = time.perf_counter() - t0
-        sizes = ", ".join(f"{len(splits[s][1])} {s}" for s in splits)
-        _say(progress, f"Loaded {sizes} rows of {meta['feature_dim']} {meta['model']} features in {load_s:.2f} s")
-        fit = fit_head(*[splits[s][:2] for s in ("train", "val", "test")], num_classes=len(class_names),
-                       config=config, class_names=class_names)
-        timings, waited = {"load_s": load_s, **fit.timings}, ""
-    _say(progress, f"Compiled in {fit.timings['compile_s']:.2f} s; trained {config.epochs} epochs "
-                   f"in {fit.timings['train_s']:.3f} s{waited}")
-    if fit.diverged:
-        reasons = (metrics.divergence_reason(fit.history[:i], r, num_classes=len(class_names))
-                   for i, r in enumerate(fit.history))
-        _say(progress, f"Warning: training diverged ({next(r for r in reasons if r)}); lower --lr. "
-                       "The run is recorded as diverged.")
-
-    run_dir = runs.new_run_dir(runs_dir=config.runs_dir, mode="head", model=meta["model"], name=run_name)
-    runs.save_head(run_dir / runs.HEAD_FILE, weight=fit.weight, bias=fit.bias, class_names=class_names,
-                   mean=fit.mean, std=fit.std)
-    runs.write_history_csv(run_dir / runs.HISTORY_FILE, fit.history)
-    plot_curves(fit.history, run_dir / runs.CURVES_FILE, title=f"{meta['model']} head ({meta.get('dataset_name', '')})",
-                selected=fit.selected)
-    extra = {"weights": meta.get("weights"), "dataset_name": meta.get("dataset_name"),
-             "feature_dim": meta.get("feature_dim"), "cache_dtype": meta.get("dtype"),
-             "rows": {s: int(meta["splits"].get(s, 0)) for s in ("train", "val", "test")}, **extra}
-    result = runs.finish_run(run_dir, mode="head", model=meta["model"], config=config, summary=fit.summary,
-                             history=fit.history, timings=timings, versions=_versions(),
-                             cache_key=meta.get("key"), cache_path=str(cache), extra=extra)
-    _say(progress, f"Run written to {run_dir}")
-    return result

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from featcache.metrics import EpochRecord
 
@@ -109,15 +109,28 @@ def plot_seed_curves(histories: Sequence[Sequence[EpochRecord]], path: str | Pat
     return Path(path)
 
 
-def plot_ridge_path(l2s, train_acc, val_acc, path: str | Path, title: str, *, selected: int | None = None) -> Path:
-    """curves.png of a ridge head: train and val accuracy against the L2 strength (log axis)."""
+def plot_accuracy_path(values: Sequence[float], curves: Mapping[str, Sequence[float]], path: str | Path, title: str,
+                       *, name: str, description: str, axis_label: str, selected: int | None = None) -> Path:
+    """curves.png of a solver fitted once per value of one strength (ridge's l2, an L2 grid's C): accuracy
+    curves against it, log axis.
+
+    Args:
+        values: the strengths (L,), all > 0.
+        curves: legend label -> accuracy at each value (L,), e.g. {"train acc": ..., "val acc": ...}.
+        path: the PNG to write.
+        title: figure title.
+        name: the strength's short name, for the mark of the selected value ("selected l2").
+        description: what the axes title calls it ("Accuracy against the L2 strength").
+        axis_label: the x axis label ("l2 (ridge strength)").
+        selected: index into values of the selected strength, marked with a dotted line; None = no mark.
+    """
     fig, ax = _figure(1, width=6.5)
-    ax.semilogx(l2s, train_acc, "o-", ms=3, label="train acc")
-    ax.semilogx(l2s, val_acc, "s-", ms=3, label="val acc")
+    for (label, accuracy), marker in zip(curves.items(), ("o-", "s-", "^-", "d-", "v-")):
+        ax.semilogx(values, accuracy, marker, ms=3, label=label)
     if selected is not None:
-        ax.axvline(l2s[selected], color="grey", ls=":", lw=1, label="selected l2")
-    ax.set_title("Accuracy against the L2 strength")
-    ax.set_xlabel("l2 (ridge strength)")
+        ax.axvline(values[selected], color="grey", ls=":", lw=1, label=f"selected {name}")
+    ax.set_title(f"Accuracy against {description}")
+    ax.set_xlabel(axis_label)
     ax.set_ylabel("accuracy")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -14,8 +14,8 @@ Xc' Q (Λ + λ)^-1 Q' Yc. Everything runs in float64.
 
 Selection: the λ with the best val accuracy; ties to the lower val mean squared error (against the
 one-hot targets), then to the larger λ. Test data never takes part. Predictions: argmax of the C
-scores. head.npz keeps featcache's logit layout: for two classes the one logit s1 - s0 (class 1
-iff it is > 0), else the C scores. Loss columns are left empty (the scores are not logits of a
+scores. head.npz keeps featcache's logit layout (K = plan.num_outputs_for(C) logits): with one logit,
+s1 - s0 (class 1 iff it is > 0), else the C scores. Loss columns are left empty (the scores are not logits of a
 likelihood, so a cross-entropy of them would mean nothing); accuracies, balanced accuracy,
 per-class scores and ROC-AUC (of s1 - s0) are those of featcache.metrics.
 """
@@ -25,20 +25,18 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from featcache import metrics, runs
-from featcache.config import TrainConfig
+from featcache import metrics
 from featcache.errors import UserError
 from featcache.metrics import EpochRecord, RunSummary
-from featcache.standardize import standardization
+from featcache.plan import num_outputs_for
+from featcache.runs import HeadWeights
+from featcache.standardize import Arrays, prepare_splits
 
 DEFAULT_L2S = tuple(2.0 ** k for k in range(-10, 21))  # 2^-10 ... 2^20
-
-Arrays = tuple[np.ndarray, np.ndarray]  # features (N, D), labels (N,)
 
 
 @dataclass(frozen=True)
@@ -97,7 +95,7 @@ class RidgeFit:
     val_mse: np.ndarray  # (L,) mean over rows of the squared error summed over the C targets
     test_acc: np.ndarray  # (L,) reported only; never used to select
     selected: int  # index into l2s
-    weight: np.ndarray  # (K, D) float32 of the selected λ, nn.Linear layout (K = 1 for two classes)
+    weight: np.ndarray  # (K, D) float32 of the selected λ, nn.Linear layout (K = plan.num_outputs_for(C))
     bias: np.ndarray  # (K,)
     mean: np.ndarray | None  # (D,) with standardize, else None
     std: np.ndarray | None
@@ -109,22 +107,17 @@ class RidgeFit:
     def l2(self) -> float:
         return float(self.l2s[self.selected])
 
+    @property
+    def head_weights(self) -> HeadWeights:
+        """The selected λ's head, as head.npz stores it."""
+        return HeadWeights(weight=self.weight, bias=self.bias, mean=self.mean, std=self.std)
+
     def to_dict(self) -> dict:
         """The path as metrics.json stores it under extra["ridge"]."""
         return {"l2s": self.l2s.tolist(), "selected_l2": self.l2,
                 "rule": "best val acc; ties: lower val MSE, then larger l2",
                 "train_acc": self.train_acc.tolist(), "val_acc": self.val_acc.tolist(),
                 "val_mse": self.val_mse.tolist(), "test_acc": self.test_acc.tolist()}
-
-
-def _check(split: str, x: np.ndarray, y: np.ndarray, dim: int, num_classes: int) -> None:
-    if len(y) == 0:
-        raise UserError(f"The {split} split is empty; the head needs train, val and test rows.")
-    if x.ndim != 2 or x.shape[0] != len(y) or x.shape[1] != dim:
-        raise ValueError(f"{split}: features {x.shape} do not match labels {y.shape} / train dim")
-    if y.min() < 0 or y.max() >= num_classes:
-        raise UserError(f"The {split} labels fall outside the {num_classes} classes; the cache is inconsistent, "
-                        "extract it again.")
 
 
 def fit_ridge(train: Arrays, val: Arrays, test: Arrays, *, num_classes: int, l2s: Sequence[float] = DEFAULT_L2S,
@@ -141,19 +134,11 @@ def fit_ridge(train: Arrays, val: Arrays, test: Arrays, *, num_classes: int, l2s
     Returns:
         RidgeFit (summary.training_time = seconds of the solve and scoring).
     """
-    if num_classes < 2:
-        raise UserError(f"Training needs at least two classes, this data has {num_classes}; add a class folder.")
-    names = [str(i) for i in range(num_classes)] if class_names is None else [str(c) for c in class_names]
+    num_outputs = num_outputs_for(num_classes)
     t0 = time.perf_counter()
-    splits = [(np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.int64)) for x, y in (train, val, test)]
-    for split, (x, y) in zip(("train", "val", "test"), splits):
-        _check(split, x, y, splits[0][0].shape[1], num_classes)
-    mean = std = None
-    if standardize:
-        mean, std = standardization(splits[0][0])
-        splits = [((x - mean) / std, y) for x, y in splits]
-    (x_train, y_train), (x_val, y_val), (x_test, y_test) = splits
-
+    data = prepare_splits(train, val, test, num_classes=num_classes, standardize=standardize, class_names=class_names)
+    x_train, x_val, x_test = data.x_train, data.x_val, data.x_test  # (N, D) float32, z-scored under standardize
+    y_train, y_val, y_test = data.y_train, data.y_val, data.y_test
     path = ridge_path(x_train, one_hot(y_train, num_classes), l2s)
     s_train, s_val, s_test = (path.scores(x) for x in (x_train, x_val, x_test))  # (L, M, C) each
     train_acc, val_acc, test_acc = ((s.argmax(axis=2) == y[None]).mean(axis=1)
@@ -162,7 +147,7 @@ def fit_ridge(train: Arrays, val: Arrays, test: Arrays, *, num_classes: int, l2s
     selected = min(range(len(path.l2s)), key=lambda i: (-val_acc[i], val_mse[i], -path.l2s[i]))
 
     w, b = path.weights[selected], path.biases[selected]  # (D, C), (C,)
-    if num_classes == 2:  # one logit s1 - s0, featcache's binary layout
+    if num_outputs == 1:  # one logit s1 - s0, featcache's binary layout
         weight, bias = (w[:, 1] - w[:, 0])[None], np.array([b[1] - b[0]])
     else:
         weight, bias = w.T, b
@@ -172,75 +157,12 @@ def fit_ridge(train: Arrays, val: Arrays, test: Arrays, *, num_classes: int, l2s
     history = [EpochRecord(epoch=1, lr=nan, train_loss=nan, train_acc=float(train_acc[selected]), val_loss=nan,
                            val_acc=float(val_acc[selected]), seconds=seconds)]
     test_logits = x_test.astype(np.float64) @ weight.T.astype(np.float64) + bias
-    summary = metrics.summarize(history, 0, test_logits=test_logits, test_labels=y_test, class_names=names,
+    summary = metrics.summarize(history, 0, test_logits=test_logits, test_labels=y_test, class_names=data.class_names,
                                 train_seconds=seconds, diverged=False)
     summary = dataclasses.replace(summary, test_loss=nan)
     return RidgeFit(l2s=path.l2s, train_acc=train_acc, val_acc=val_acc, val_mse=val_mse, test_acc=test_acc,
-                    selected=selected, weight=weight, bias=bias, mean=mean, std=std, summary=summary,
+                    selected=selected, weight=weight, bias=bias, mean=data.mean, std=data.std, summary=summary,
                     history=history, seconds=seconds)
-
-
-def train_ridge(*, cache: str | Path, config: TrainConfig, l2s: Sequence[float] = DEFAULT_L2S,
-                run_name: str | None = None, progress: bool = True) -> runs.RunResult:
-    """Fit the ridge head on a feature cache and write its run directory (mode "head", extra["solver"] = "ridge").
-
-    Args:
-        cache: a complete cache file written by `featcache extract`.
-        config: standardize and runs_dir are read (the optax settings do not apply and are stored as given).
-        l2s: the L2 strengths λ searched.
-        run_name: the run directory's name; None = `<time>-head-<model>`.
-        progress: one line per phase on stderr.
-
-    Returns:
-        The RunResult; extra["ridge"] holds the whole path (RidgeFit.to_dict) and curves.png shows
-        train and val accuracy against λ.
-    """
-    import sys
-
-    from featcache.cache import load_features
-    from featcache.plots import plot_ridge_path
-
-    t0 = time.perf_counter()
-    splits = {s: load_features(cache, s) for s in ("train", "val", "test")}
-    load_s = time.perf_counter() - t0
-    meta = splits["train"][2]
-    class_names = list(meta["class_names"])
-    fit = fit_ridge(*[splits[s][:2] for s in ("train", "val", "test")], num_classes=len(class_names), l2s=l2s,
-                    standardize=config.standardize, class_names=class_names)
-    if progress:
-        print(f"Ridge: {len(fit.l2s)} L2 strengths from one eigendecomposition in {fit.seconds:.3f} s; "
-              f"selected l2 {fit.l2:g} (val acc {fit.val_acc[fit.selected]:.4f})", file=sys.stderr, flush=True)
-        if l2_is_on_edge(fit):
-            print("Note: the selected l2 is at the edge of the grid; widen --l2.", file=sys.stderr, flush=True)
-
-    run_dir = runs.new_run_dir(runs_dir=config.runs_dir, mode="head", model=meta["model"], name=run_name)
-    runs.save_head(run_dir / runs.HEAD_FILE, weight=fit.weight, bias=fit.bias, class_names=class_names,
-                   mean=fit.mean, std=fit.std)
-    runs.write_history_csv(run_dir / runs.HISTORY_FILE, fit.history)
-    plot_ridge_path(fit.l2s, fit.train_acc, fit.val_acc, run_dir / runs.CURVES_FILE,
-                    title=f"{meta['model']} ridge head ({meta.get('dataset_name', '')})", selected=fit.selected)
-    extra = {"solver": "ridge", "weights": meta.get("weights"), "dataset_name": meta.get("dataset_name"),
-             "feature_dim": meta.get("feature_dim"), "cache_dtype": meta.get("dtype"),
-             "rows": {s: int(len(splits[s][1])) for s in splits}, "ridge": fit.to_dict()}
-    result = runs.finish_run(run_dir, mode="head", model=meta["model"], config=config, summary=fit.summary,
-                             history=fit.history, timings={"load_s": load_s, "train_s": fit.seconds},
-                             versions=_versions(), cache_key=meta.get("key"), cache_path=str(cache), extra=extra)
-    if progress:
-        print(f"Run written to {run_dir}", file=sys.stderr, flush=True)
-    return result
-
-
-def _versions() -> dict[str, str]:
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("featcache", "numpy", "h5py"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "unknown"
-    return out
 
 
 def l2_is_on_edge(fit: RidgeFit) -> bool:

@@ -93,6 +93,16 @@ def new_run_dir(*, runs_dir: str | Path, mode: str, model: str, name: str | None
     raise UserError(f"Too many runs named {base} in {parent}; clean it up.")
 
 
+@dataclass(frozen=True)
+class HeadWeights:
+    """A linear head as head.npz stores it: logits = ((x - mean) / std) @ weight.T + bias."""
+
+    weight: np.ndarray  # (K, D) float32, nn.Linear layout; K = plan.num_outputs_for(C)
+    bias: np.ndarray  # (K,)
+    mean: np.ndarray | None = None  # (D,) float32 of a standardized head, else None
+    std: np.ndarray | None = None  # (D,)
+
+
 def save_head(path: str | Path, *, weight: np.ndarray, bias: np.ndarray, class_names: Sequence[str],
               mean: np.ndarray | None = None, std: np.ndarray | None = None) -> None:
     """Write head.npz (no pickled objects). mean/std None = no standardization (stored as 0 and 1)."""

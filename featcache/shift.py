@@ -37,9 +37,6 @@ from featcache import metrics
 from featcache.errors import UserError
 from featcache.standardize import standardization
 
-SPLITS = ("train", "val", "test")
-
-
 @dataclass(frozen=True)
 class Side:
     """One side of the comparison: features, labels, class names and image paths of its rows."""
@@ -175,36 +172,13 @@ def check_shift(a: Side, b: Side, *, folds: int = 5, permutations: int = 200, se
     if folds < 2:
         raise UserError("--folds must be at least 2.")
     rng = np.random.default_rng(seed)
-    notes = []
-    sides = []
-    for s in (a, b):
-        if len(s.labels) < folds:
-            raise UserError(f"{s.name} has {len(s.labels)} rows, fewer than the {folds} folds; "
-                            "lower --folds or use a larger split.")
-        if max_rows is not None and len(s.labels) > max_rows:
-            keep = np.sort(rng.choice(len(s.labels), size=max_rows, replace=False))
-            notes.append(f"{s.name}: a random {max_rows} of its {len(s.labels)} rows")
-            s = Side(name=s.name, features=s.features[keep], labels=s.labels[keep], class_names=s.class_names,
-                     paths=[s.paths[i] for i in keep])
-        sides.append(s)
-    a, b = sides
+    (a, b), notes = _subsampled((a, b), folds=folds, max_rows=max_rows, rng=rng)
 
     x = np.concatenate([a.features, b.features]).astype(np.float64)  # (N, D)
     mean, std = standardization(x)
     z = (x - mean) / std
     side = np.r_[np.zeros(len(a.labels), np.int64), np.ones(len(b.labels), np.int64)]
-    fold = _folds(side, folds, rng)
-    targets = np.stack([side] + [rng.permutation(side) for _ in range(permutations)], axis=1).astype(np.float64)
-
-    aucs = np.full((folds, 1 + permutations), np.nan)
-    oof = np.empty(len(side))  # out-of-fold score of each row, true labels
-    for f in range(folds):
-        train, test = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
-        scores = _heldout_scores(z, targets, train, test, l2_scale)  # (n_V, 1 + P)
-        oof[test] = scores[:, 0]
-        for j in range(1 + permutations):
-            auc = metrics.roc_auc(scores[:, j], targets[test, j])
-            aucs[f, j] = np.nan if auc is None else auc
+    aucs, oof = _domain_aucs(z, side, folds=folds, permutations=permutations, l2_scale=l2_scale, rng=rng)
     mean_auc = np.nanmean(aucs, axis=0)  # (1 + P,)
     auc = float(mean_auc[0])
     p_value = float((1 + np.sum(mean_auc[1:] >= auc)) / (1 + permutations)) if permutations else float("nan")
@@ -220,6 +194,45 @@ def check_shift(a: Side, b: Side, *, folds: int = 5, permutations: int = 200, se
                        fold_aucs=[float(v) for v in aucs[:, 0]], p_value=p_value, permutations=permutations,
                        folds=folds, classes=classes, foreign=foreign, typical_nearest=float(np.median(nn_dist[:, 0])),
                        seconds=time.perf_counter() - t0, notes=notes + class_notes)
+
+
+def _subsampled(sides: Sequence[Side], *, folds: int, max_rows: int | None, rng: np.random.Generator
+                ) -> tuple[list[Side], list[str]]:
+    """The sides, each cut to a seeded random max_rows of its rows when larger (noted); a side with fewer rows
+    than folds is a UserError."""
+    out, notes = [], []
+    for s in sides:
+        if len(s.labels) < folds:
+            raise UserError(f"{s.name} has {len(s.labels)} rows, fewer than the {folds} folds; "
+                            "lower --folds or use a larger split.")
+        if max_rows is not None and len(s.labels) > max_rows:
+            keep = np.sort(rng.choice(len(s.labels), size=max_rows, replace=False))
+            notes.append(f"{s.name}: a random {max_rows} of its {len(s.labels)} rows")
+            s = Side(name=s.name, features=s.features[keep], labels=s.labels[keep], class_names=s.class_names,
+                     paths=[s.paths[i] for i in keep])
+        out.append(s)
+    return out, notes
+
+
+def _domain_aucs(z: np.ndarray, side: np.ndarray, *, folds: int, permutations: int, l2_scale: float,
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The domain classifier, cross-validated: held-out ROC-AUC (folds, 1 + P) of the true side labels (column 0)
+    and of P shuffles of them, and the out-of-fold score (N,) of each row under the true labels.
+
+    z (N, D) z-scored rows of both sides; side (N,) 0 = A, 1 = B.
+    """
+    fold = _folds(side, folds, rng)
+    targets = np.stack([side] + [rng.permutation(side) for _ in range(permutations)], axis=1).astype(np.float64)
+    aucs = np.full((folds, 1 + permutations), np.nan)
+    oof = np.empty(len(side))
+    for f in range(folds):
+        train, test = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
+        scores = _heldout_scores(z, targets, train, test, l2_scale)  # (n_V, 1 + P)
+        oof[test] = scores[:, 0]
+        for j in range(1 + permutations):
+            auc = metrics.roc_auc(scores[:, j], targets[test, j])
+            aucs[f, j] = np.nan if auc is None else auc
+    return aucs, oof
 
 
 def _side(path: str | Path, splits: Sequence[str], name: str) -> tuple[Side, dict]:
@@ -244,6 +257,8 @@ def check_cache(cache: str | Path, **options) -> ShiftReport:
 
 def check_between(cache_a: str | Path, cache_b: str | Path, *, split: str = "all", **options) -> ShiftReport:
     """Cache A against cache B (same backbone, weights and transform); split "all" pools every split of each."""
+    from featcache.cache import SPLITS
+
     splits = list(SPLITS) if split == "all" else [split]
     a, meta_a = _side(cache_a, splits, Path(cache_a).name)
     b, meta_b = _side(cache_b, splits, Path(cache_b).name)

@@ -32,11 +32,12 @@ import numpy as np
 
 from featcache.cache import SPLITS, FeatureReader, non_finite_rows, non_finite_error
 from featcache.config import DEFAULT_STREAM_MEMORY_MIB, TrainConfig
-from featcache.head import (HeadFit, check_labels, epoch_record, finish_fit, head_steps, linear_from_params,
+from featcache.head import (HeadFit, HeadSteps, epoch_record, finish_fit, head_steps, linear_from_params,
                             params_from_linear)
+from featcache.metrics import EpochRecord
 from featcache.plan import TrainPlan, check_config, make_plan, num_outputs_for
 from featcache.progress import progress_bar
-from featcache.standardize import blockwise_standardization
+from featcache.standardize import as_features, blockwise_standardization, check_labels
 
 BLOCKS_HELD = 4  # blocks of features alive at once, see the module docstring
 IN_MEMORY_COPIES = 3  # in-memory head-train holds the features ~3 times (file dtype, float32/z-scored, JAX's)
@@ -141,15 +142,66 @@ def fit_streamed(reader: FeatureReader, *, config: TrainConfig, block_rows: int,
         read_s (the reader thread's time, overlapped with training), wait_s (training waiting for it).
     """
     check_config(config)
-    s = int(config.batch_size)
-    if block_rows < s or block_rows % s:
-        raise ValueError(f"block_rows {block_rows} is not a positive multiple of the batch size {s}")
-    meta = reader.meta
-    class_names = [str(c) for c in meta["class_names"]]
-    num_classes, dim = len(class_names), reader.feature_dim
-    num_outputs = num_outputs_for(num_classes)
+    s, dim = int(config.batch_size), reader.feature_dim
+    class_names = _checked_labels(reader, block_rows=block_rows, batch_size=s)
+    n_train = reader.rows("train")
+    mean, std, load_s = _checked_standardization(reader, block_rows=block_rows, standardize=config.standardize)
+    say(f"Checked {', '.join(f'{reader.rows(sp)} {sp}' for sp in SPLITS)} rows of {dim} {reader.meta['model']} "
+        f"features in {load_s:.2f} s{' (and took the train mean/std)' if mean is not None else ''}")
+    prepared = _preparer(mean, std)
+
+    num_outputs = num_outputs_for(len(class_names))
+    plan = make_plan(n_train=n_train, feature_dim=dim, num_outputs=num_outputs, config=config)
+    steps = head_steps(num_outputs=num_outputs, config=config)
+    carry = steps.init(params_from_linear(plan.weight, plan.bias))
+    t1 = time.perf_counter()
+    programs, val_program = _compile(steps, carry, n_train=n_train, block_rows=block_rows, batch_size=s, dim=dim,
+                                     val_rows=min(reader.rows("val"), block_rows))
+    compile_s = time.perf_counter() - t1
+    val_logits = _val_scorer(reader, val_program, prepared=prepared, block_rows=block_rows)
+
+    per_epoch = math.ceil(n_train / block_rows)
+    say(f"Streaming {n_train} train rows per epoch in {per_epoch} block(s) of up to {block_rows} rows "
+        f"({block_rows * dim * 4 / 2**20:.1f} MiB), read with {'os.preadv' if reader.raw('train') else 'h5py'}")
+    blocks = _Prefetcher(_block_maker(reader, plan, reader.labels("train").astype(np.int32), prepared, block_rows),
+                         [(e, j) for e in range(plan.epochs) for j in range(per_epoch)])
+    t2 = time.perf_counter()
+    try:
+        history, weights, biases, wait_s = _train_epochs(
+            carry, steps=steps, programs=programs, plan=plan, blocks=blocks, per_epoch=per_epoch,
+            val_logits=val_logits, y_val=reader.labels("val"), num_classes=len(class_names), progress=progress)
+    finally:
+        blocks.close()
+    train_s = time.perf_counter() - t2
+
+    timings = {"load_s": load_s, "compile_s": compile_s, "train_s": train_s, "read_s": blocks.read_s,
+               "wait_s": wait_s}
+    fit = finish_fit(history, plan=plan, epoch_weights=weights, epoch_biases=biases,
+                     test_logits=_test_scorer(reader, prepared=prepared, block_rows=block_rows),
+                     y_test=reader.labels("test"), class_names=class_names, mean=mean, std=std, timings=timings)
+    info = {"block_rows": block_rows, "blocks_per_epoch": per_epoch, "rows_read": plan.epochs * n_train,
+            "pread": reader.raw("train")}
+    return fit, info
+
+
+def _checked_labels(reader: FeatureReader, *, block_rows: int, batch_size: int) -> list[str]:
+    """The class names, once every split's labels are checked (standardize.check_labels) and block_rows is a
+    positive multiple of the batch size."""
+    if block_rows < batch_size or block_rows % batch_size:
+        raise ValueError(f"block_rows {block_rows} is not a positive multiple of the batch size {batch_size}")
+    class_names = [str(c) for c in reader.meta["class_names"]]
     for split in SPLITS:  # a missing split is an empty one
-        check_labels(split, reader.labels(split) if split in meta["splits"] else np.zeros(0), num_classes)
+        labels = reader.labels(split) if split in reader.meta["splits"] else np.zeros(0)
+        check_labels(split, labels, len(class_names))
+    return class_names
+
+
+def _checked_standardization(reader: FeatureReader, *, block_rows: int, standardize: bool
+                             ) -> tuple[np.ndarray | None, np.ndarray | None, float]:
+    """Refuse a cache with NaN or inf features (every split read once in file order, block by block) and take
+    the train mean (D,) and std (D,) under standardize, else None and None; then the seconds it took. The
+    standardization's first pass over train is the check's: one sequential read less."""
+    t0 = time.perf_counter()
 
     def blocks(split: str) -> Iterator[np.ndarray]:  # the split once, in file order, as float32
         n = reader.rows(split)
@@ -164,9 +216,8 @@ def fit_streamed(reader: FeatureReader, *, config: TrainConfig, block_rows: int,
             bad[split] += non_finite_rows(x)
             yield x
 
-    t0 = time.perf_counter()
     mean = std = None
-    if config.standardize:  # its first pass over train is the check's: one sequential read less
+    if standardize:
         passes = iter([checked("train"), blocks("train")])
         mean, std = blockwise_standardization(lambda: next(passes))
     for split in SPLITS:
@@ -175,100 +226,102 @@ def fit_streamed(reader: FeatureReader, *, config: TrainConfig, block_rows: int,
                 pass
         if bad[split]:
             raise non_finite_error(reader.path, split, bad[split], reader.rows(split))
+    return mean, std, time.perf_counter() - t0
 
-    def prepared(x: np.ndarray) -> np.ndarray:  # the rule of head.prepare_data
-        x = np.ascontiguousarray(x, dtype=np.float32)
+
+def _preparer(mean: np.ndarray | None, std: np.ndarray | None) -> Callable[[np.ndarray], np.ndarray]:
+    """x (M, D) -> float32, z-scored with mean/std when given: the rule of standardize.prepare_splits."""
+    def prepared(x: np.ndarray) -> np.ndarray:
+        x = as_features(x)
         return x if mean is None else (x - mean) / std
 
-    load_s = time.perf_counter() - t0
-    say(f"Checked {', '.join(f'{reader.rows(sp)} {sp}' for sp in SPLITS)} rows of {dim} {meta['model']} features "
-        f"in {load_s:.2f} s{' (and took the train mean/std)' if mean is not None else ''}")
+    return prepared
 
-    n_train = reader.rows("train")
-    plan = make_plan(n_train=n_train, feature_dim=dim, num_outputs=num_outputs, config=config)
-    y_train = reader.labels("train").astype(np.int32)
-    per_epoch = math.ceil(n_train / block_rows)
-    make_block = _block_maker(reader, plan, y_train, prepared, block_rows)
 
-    steps = head_steps(num_outputs=num_outputs, config=config)
-    carry = steps.init(params_from_linear(plan.weight, plan.bias))
+def _test_scorer(reader: FeatureReader, *, prepared: Callable[[np.ndarray], np.ndarray], block_rows: int
+                 ) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """(weight (K, D), bias (K,)) -> test logits (Nt, K), the test split read in blocks (numpy, as
+    head.fit_from_outputs)."""
+    def test_logits(weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+        rows = reader.rows("test")
+        return np.concatenate([prepared(reader.read("test", a, min(a + block_rows, rows))) @ weight.T + bias
+                               for a in range(0, rows, block_rows)])
+
+    return test_logits
+
+
+def _compile(steps: HeadSteps, carry, *, n_train: int, block_rows: int, batch_size: int, dim: int,
+             val_rows: int) -> tuple[dict[int, Callable], Callable]:
+    """The compiled programs: {Bb: the batches of one block of Bb batches} (a full block and the epoch's last,
+    shorter one) and the val logits of val_rows rows (M, D) -> (M, 1, K)."""
+    s = batch_size
 
     def run_block(carry, xs, ys, mask, lr):  # the batches of one block, as the in-memory scan runs them
         return jax.lax.scan(lambda c, batch: steps.batch(c, *batch, lr), carry, (xs, ys, mask))
 
-    val_rows, y_val = reader.rows("val"), reader.labels("val")
-    val_resident = val_rows <= block_rows
-    val_chunk = val_rows if val_resident else block_rows
-    t1 = time.perf_counter()
     spec = jax.ShapeDtypeStruct
+    last = (math.ceil(n_train / block_rows) - 1) * block_rows  # first row of the epoch's last block
     programs = {}
-    for nb in sorted({-(-(min(block_rows, n_train - a)) // s) for a in (0, (per_epoch - 1) * block_rows)}):
+    for nb in sorted({-(-(min(block_rows, n_train - a)) // s) for a in (0, last)}):
         programs[nb] = jax.jit(run_block).lower(
             carry, spec((nb, s, dim), np.float32), spec((nb, s), np.int32), spec((nb, s), np.float32),
             spec((), np.float32)).compile()
-    val_logits_of = jax.jit(steps.logits).lower(carry, spec((val_chunk, dim), np.float32)).compile()
-    compile_s = time.perf_counter() - t1
-    x_val = prepared(reader.read("val", 0, val_rows)) if val_resident else None
+    val_program = jax.jit(steps.logits).lower(carry, spec((val_rows, dim), np.float32)).compile()
+    return programs, val_program
+
+
+def _val_scorer(reader: FeatureReader, val_program: Callable, *, prepared: Callable[[np.ndarray], np.ndarray],
+                block_rows: int) -> Callable:
+    """carry -> val logits (Nv, K): val kept in memory when it fits in one block, else read again in blocks of
+    block_rows (the last one padded to the compiled size)."""
+    val_rows, dim = reader.rows("val"), reader.feature_dim
+    chunk = min(val_rows, block_rows)
+    x_val = prepared(reader.read("val", 0, val_rows)) if val_rows <= block_rows else None
 
     def val_logits(carry) -> np.ndarray:  # (Nv, K)
         if x_val is not None:
-            return np.asarray(val_logits_of(carry, x_val))[:, 0]
+            return np.asarray(val_program(carry, x_val))[:, 0]
         parts = []
-        for a in range(0, val_rows, val_chunk):
-            x = prepared(reader.read("val", a, min(a + val_chunk, val_rows)))
-            padded = np.zeros((val_chunk, dim), np.float32)
+        for a in range(0, val_rows, chunk):
+            x = prepared(reader.read("val", a, min(a + chunk, val_rows)))
+            padded = np.zeros((chunk, dim), np.float32)
             padded[:len(x)] = x
-            parts.append(np.asarray(val_logits_of(carry, padded))[:len(x), 0])
+            parts.append(np.asarray(val_program(carry, padded))[:len(x), 0])
         return np.concatenate(parts)
 
-    say(f"Streaming {n_train} train rows per epoch in {per_epoch} block(s) of up to {block_rows} rows "
-        f"({block_rows * dim * 4 / 2**20:.1f} MiB), read with {'os.preadv' if reader.raw('train') else 'h5py'}")
+    return val_logits
+
+
+def _train_epochs(carry, *, steps: HeadSteps, programs: dict[int, Callable], plan: TrainPlan, blocks: _Prefetcher,
+                  per_epoch: int, val_logits: Callable, y_val: np.ndarray, num_classes: int, progress: bool
+                  ) -> tuple[list[EpochRecord], np.ndarray, np.ndarray, float]:
+    """Run every epoch on the prefetched blocks: (history, head weights (E, K, D) and biases (E, K) at the end of
+    each epoch, seconds spent waiting for blocks)."""
     history, weights, biases, wait_s = [], [], [], 0.0
-    prefetch = _Prefetcher(make_block, [(e, j) for e in range(plan.epochs) for j in range(per_epoch)])
-    t2 = time.perf_counter()
-    try:
-        with progress_bar(progress) as bar:
-            task = bar.add_task("head-train (streamed)", total=plan.epochs * n_train, info="") if bar else None
-            for e in range(plan.epochs):
-                t_epoch, lr = time.perf_counter(), np.float32(plan.lrs[e])
-                losses, correct = [], []
-                for _ in range(per_epoch):
-                    t = time.perf_counter()
-                    block = prefetch.get()
-                    wait_s += time.perf_counter() - t
-                    carry, (loss, right) = programs[len(block.xs)](carry, block.xs, block.ys, block.mask, lr)
-                    losses.append(loss[:, 0])
-                    correct.append(right[:, 0])
-                    if bar:
-                        bar.update(task, advance=int(block.mask.sum()))
-                w, b = linear_from_params(steps.params(carry))
-                weights.append(w)
-                biases.append(b)
-                record = epoch_record(plan, e, batch_loss=np.concatenate([np.asarray(x) for x in losses]),
-                                      batch_correct=np.concatenate([np.asarray(x) for x in correct]),
-                                      val_logits=val_logits(carry), y_val=y_val, num_classes=num_classes,
-                                      seconds=time.perf_counter() - t_epoch)
-                history.append(record)
+    with progress_bar(progress) as bar:
+        task = bar.add_task("head-train (streamed)", total=plan.epochs * plan.n_train, info="") if bar else None
+        for e in range(plan.epochs):
+            t_epoch, lr = time.perf_counter(), np.float32(plan.lrs[e])
+            losses, correct = [], []
+            for _ in range(per_epoch):
+                t = time.perf_counter()
+                block = blocks.get()
+                wait_s += time.perf_counter() - t
+                carry, (loss, right) = programs[len(block.xs)](carry, block.xs, block.ys, block.mask, lr)
+                losses.append(loss[:, 0])
+                correct.append(right[:, 0])
                 if bar:
-                    bar.update(task, info=f"epoch {e + 1}/{plan.epochs} val acc {record.val_acc:.3f}")
-    finally:
-        prefetch.close()
-    train_s = time.perf_counter() - t2
-
-    test_rows = reader.rows("test")
-
-    def test_logits(weight: np.ndarray, bias: np.ndarray) -> np.ndarray:  # numpy, as fit_from_outputs
-        return np.concatenate([prepared(reader.read("test", a, min(a + block_rows, test_rows))) @ weight.T + bias
-                               for a in range(0, test_rows, block_rows)])
-
-    timings = {"load_s": load_s, "compile_s": compile_s, "train_s": train_s, "read_s": prefetch.read_s,
-               "wait_s": wait_s}
-    fit = finish_fit(history, plan=plan, epoch_weights=np.stack(weights), epoch_biases=np.stack(biases),
-                     test_logits=test_logits, y_test=reader.labels("test"), class_names=class_names,
-                     mean=mean, std=std, timings=timings)
-    info = {"block_rows": block_rows, "blocks_per_epoch": per_epoch, "rows_read": plan.epochs * n_train,
-            "pread": reader.raw("train")}
-    return fit, info
+                    bar.update(task, advance=int(block.mask.sum()))
+            w, b = linear_from_params(steps.params(carry))
+            weights.append(w)
+            biases.append(b)
+            history.append(epoch_record(plan, e, batch_loss=np.concatenate([np.asarray(x) for x in losses]),
+                                        batch_correct=np.concatenate([np.asarray(x) for x in correct]),
+                                        val_logits=val_logits(carry), y_val=y_val, num_classes=num_classes,
+                                        seconds=time.perf_counter() - t_epoch))
+            if bar:
+                bar.update(task, info=f"epoch {e + 1}/{plan.epochs} val acc {history[-1].val_acc:.3f}")
+    return history, np.stack(weights), np.stack(biases), wait_s
 
 
 def _block_maker(reader: FeatureReader, plan: TrainPlan, y_train: np.ndarray,

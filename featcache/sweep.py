@@ -9,9 +9,9 @@ head.fit_from_outputs: a cell reports what fit_head reports for it.
 
 Selection: the (lr, wd) pair with the best mean val accuracy over the seeds (a seed's val
 accuracy is that of its selected epoch); ties go to the lower mean val loss, then to the earlier
-pair in grid order. Test data never takes part. The run directory keeps the selected pair trained
-with the FIRST seed (head.npz, history.csv, summary): exactly the head that
-`featcache head-train --lr LR --weight-decay WD --seed FIRST` writes.
+pair in grid order. Test data never takes part. The run directory (featcache.head_runs.train_grid)
+keeps the selected pair trained with the FIRST seed (head.npz, history.csv, summary): exactly the head
+that `featcache head-train --lr LR --weight-decay WD --seed FIRST` writes.
 
 L = lrs, W = weight decays, H = L*W pairs (lr-major), R = seeds; E, B, S, N, D, K as in head.py.
 Never imports torch.
@@ -23,19 +23,17 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Sequence
 
 import jax
 import numpy as np
 
-from featcache import runs
 from featcache.config import TrainConfig
 from featcache.errors import UserError
-from featcache.head import (Arrays, HeadData, HeadFit, _say, _versions, fit_from_outputs, padded_batches,
-                            params_from_linear, prepare_data, training_program)
+from featcache.head import HeadFit, fit_from_outputs, padded_batches, params_from_linear, prepare_data, training_program
 from featcache.metrics import Interval, mean_interval
 from featcache.plan import TrainPlan, make_plan, num_outputs_for
+from featcache.standardize import Arrays, HeadData
 
 
 @dataclass(frozen=True)
@@ -196,55 +194,3 @@ def seed_stats(fits: Sequence[HeadFit]) -> dict:
     """Intervals over seeds of the study's columns, as metrics.json stores them under extra["seed_stats"]."""
     return {"n": len(fits), **{k: mean_interval([getattr(f.summary, k) for f in fits]).to_dict()
                                for k in ("train_loss", "train_acc", "best_val_loss", "best_val_acc", "test_acc")}}
-
-
-def train_grid(*, cache: str | Path, config: TrainConfig, lrs: Sequence[float], weight_decays: Sequence[float],
-               seeds: Sequence[int], run_name: str | None = None, progress: bool = True) -> runs.RunResult:
-    """Train a grid of heads on a feature cache in one program and write ONE run directory.
-
-    Args:
-        cache: a complete cache file written by `featcache extract`.
-        config: training settings; its lr, weight_decay and seed are replaced by the grid's.
-        lrs, weight_decays, seeds: the grid axes (each value once).
-        run_name: the run directory's name; None = `<time>-head-<model>`.
-        progress: one line per phase on stderr.
-
-    Returns:
-        The RunResult of the selected (lr, wd) pair trained with seeds[0]: its config, history,
-        summary (training_time = the whole grid's compile + train seconds) and head.npz;
-        extra["grid"] holds every cell (GridFit.to_dict) and extra["seed_stats"] the selected pair's
-        intervals over seeds. curves.png shows the selected pair, mean and min-max band over seeds.
-    """
-    from featcache.cache import load_features
-    from featcache.plots import plot_seed_curves
-
-    t0 = time.perf_counter()
-    splits = {s: load_features(cache, s) for s in ("train", "val", "test")}
-    load_s = time.perf_counter() - t0
-    meta = splits["train"][2]
-    class_names = list(meta["class_names"])
-    grid = fit_grid(*[splits[s][:2] for s in ("train", "val", "test")], num_classes=len(class_names),
-                    config=config, lrs=lrs, weight_decays=weight_decays, seeds=seeds, class_names=class_names)
-    cell, seed = grid.selected_cell, grid.seeds[0]
-    _say(progress, f"Compiled {grid.num_heads} heads ({len(grid.lrs)} lr x {len(grid.weight_decays)} wd x "
-                   f"{len(grid.seeds)} seeds) in {grid.timings['compile_s']:.2f} s; trained {config.epochs} epochs "
-                   f"in {grid.timings['train_s']:.3f} s; selected lr {cell.lr:g}, wd {cell.weight_decay:g}")
-
-    saved = cell.fits[0]
-    chosen = dataclasses.replace(config, lr=cell.lr, weight_decay=cell.weight_decay, seed=seed)
-    run_dir = runs.new_run_dir(runs_dir=config.runs_dir, mode="head", model=meta["model"], name=run_name)
-    runs.save_head(run_dir / runs.HEAD_FILE, weight=saved.weight, bias=saved.bias, class_names=class_names,
-                   mean=saved.mean, std=saved.std)
-    runs.write_history_csv(run_dir / runs.HISTORY_FILE, saved.history)
-    plot_seed_curves([f.history for f in cell.fits], run_dir / runs.CURVES_FILE,
-                     title=f"{meta['model']} head ({meta.get('dataset_name', '')}), lr {cell.lr:g}, "
-                           f"wd {cell.weight_decay:g}, {len(grid.seeds)} seeds")
-    extra = {"weights": meta.get("weights"), "dataset_name": meta.get("dataset_name"),
-             "feature_dim": meta.get("feature_dim"), "cache_dtype": meta.get("dtype"),
-             "rows": {s: int(len(splits[s][1])) for s in splits},
-             "grid": grid.to_dict(), "seed_stats": seed_stats(cell.fits)}
-    result = runs.finish_run(run_dir, mode="head", model=meta["model"], config=chosen, summary=saved.summary,
-                             history=saved.history, timings={"load_s": load_s, **grid.timings},
-                             versions=_versions(), cache_key=meta.get("key"), cache_path=str(cache), extra=extra)
-    _say(progress, f"Run written to {run_dir}")
-    return result

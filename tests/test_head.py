@@ -1,6 +1,7 @@
 """featcache.head: optax chains vs torch.optim, the whole fit vs a plain PyTorch loop on the same plan,
 accuracy on separable features, determinism, and the import boundary (no torch on the JAX side)."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,8 +16,8 @@ import torch
 import featcache.cache
 from featcache import metrics, runs
 from featcache.config import TrainConfig
-from featcache.head import (fit_head, linear_from_params, masked_loss, params_from_linear, train_head,
-                            update_direction)
+from featcache.head import fit_head, linear_from_params, masked_loss, params_from_linear, update_direction
+from featcache.head_runs import train_head
 from featcache.plan import make_plan, num_outputs_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -260,9 +261,9 @@ META = {"class_names": ["normal", "pneumonia"], "model": "resnet18", "weights": 
 
 def _fake_cache(monkeypatch, data):
     """featcache.cache.read_meta / load_features answering from in-memory splits (cache.py has its own tests)."""
-    monkeypatch.setattr(featcache.cache, "load_features", lambda path, split: (*data[split], dict(META)))
-    monkeypatch.setattr(featcache.cache, "read_meta",
-                        lambda path: dict(META, splits={s: len(y) for s, (_, y) in data.items()}))
+    meta = dict(META, splits={s: len(y) for s, (_, y) in data.items()})
+    monkeypatch.setattr(featcache.cache, "load_features", lambda path, split: (*data[split], dict(meta)))
+    monkeypatch.setattr(featcache.cache, "read_meta", lambda path: dict(meta))
 
 
 def test_train_head_writes_a_finished_run(tmp_path, monkeypatch):
@@ -300,3 +301,87 @@ def test_train_head_records_a_diverged_run(tmp_path, monkeypatch, capsys):
         result = train_head(cache="cache/x.h5", config=TrainConfig(epochs=2, lr=1e15, runs_dir=str(tmp_path)))
     assert result.diverged and runs.load_run(result.run_dir).diverged
     assert "diverged" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- head_runs: one writer, one router
+
+
+def test_head_runs_and_head_import_what_their_layers_allow():
+    r = _python("import featcache.head_runs, sys; "
+                "bad = sorted({'jax', 'torch', 'numpy', 'h5py'} & set(sys.modules)); assert not bad, bad")
+    assert r.returncode == 0, r.stderr  # featcache --help imports head_runs for the --solver choices
+    r = _python("import featcache.head, sys; "
+                "bad = sorted({'featcache.stream', 'featcache.head_runs', 'featcache.cache'} & set(sys.modules)); "
+                "assert not bad, bad")
+    assert r.returncode == 0, r.stderr  # pure fitting on arrays: no cache, no run directory, no streaming
+
+
+def test_write_head_run_of_a_solver_without_epochs_or_linear_head(tmp_path):
+    from featcache.head_runs import run_title, write_head_run
+    from featcache.reporting import compare_runs
+
+    labels = np.array([0, 1, 1, 0, 1])
+    history = [metrics.EpochRecord(epoch=1, lr=float("nan"), train_loss=float("nan"), train_acc=1.0,
+                                   val_loss=float("nan"), val_acc=0.75, seconds=0.5)]
+    summary = metrics.summarize(history, 0, test_logits=np.where(labels == 1, 2.0, -2.0)[:, None], test_labels=labels,
+                                class_names=["normal", "pneumonia"], train_seconds=0.5)
+    drawn = []
+    meta = dict(META, splits={"train": 9, "val": 4, "test": 5})
+    result = write_head_run(cache="cache/x.h5", meta=meta, config=TrainConfig(runs_dir=str(tmp_path)), summary=summary,
+                            timings={"load_s": 0.1, "train_s": 0.5},
+                            figures={"knn.png": lambda path: (drawn.append(path), path.write_bytes(b"png"))},
+                            solver="knn", extra={"knn": {"k": 20}}, run_name="knn", progress=False)
+
+    assert sorted(p.name for p in result.run_dir.iterdir()) == ["knn.png", "metrics.json"]  # no head.npz, history.csv
+    assert drawn == [tmp_path / "knn" / "knn.png"]
+    loaded = runs.load_run(tmp_path / "knn")
+    assert loaded.history == [] and loaded.summary.to_dict() == summary.to_dict() and loaded.mode == "head"
+    assert loaded.extra == {"solver": "knn", "weights": "imagenet", "dataset_name": "xray", "feature_dim": 12,
+                            "cache_dtype": "float32", "rows": {"train": 9, "val": 4, "test": 5}, "knn": {"k": 20}}
+    assert loaded.cache == {"key": "abc123def456", "path": "cache/x.h5"} and "numpy" in loaded.versions
+    assert "head/knn" in compare_runs([loaded], format="table")
+    assert run_title(meta, "knn") == "resnet18 knn (xray)"
+
+
+def test_head_train_refuses_options_that_do_not_combine_before_reading_the_cache(tmp_path):
+    from featcache.errors import UserError
+    from featcache.head_runs import head_train
+
+    config = TrainConfig(runs_dir=str(tmp_path))
+    missing = tmp_path / "absent.h5"  # each error must come before the cache is opened
+    cases = [(dict(stream=True, seeds=3), "--stream trains one head with --solver sgd"),
+             (dict(stream=True, lrs=[0.1, 0.2]), "--stream trains one head"),
+             (dict(stream=True, solver="ridge"), "--stream trains one head"),
+             (dict(l2s=[1.0]), "--l2 sets the strengths of --solver ridge"),
+             (dict(solver="ridge", seeds=2), "--solver ridge is deterministic"),
+             (dict(solver="ridge", weight_decays=[0.0, 0.1]), "--solver ridge is deterministic"),
+             (dict(solver="lasso"), "Unknown solver 'lasso'; choose one of sgd, ridge.")]
+    for options, message in cases:
+        with pytest.raises(UserError) as info:
+            head_train(cache=missing, config=config, progress=False, **options)
+        assert message in str(info.value), options
+        assert len(str(info.value).splitlines()) == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_head_train_routes_to_the_solver_the_options_ask_for(tmp_path, monkeypatch):
+    from featcache import api
+
+    data = dict(zip(("train", "val", "test"), _problem(2)))
+    _fake_cache(monkeypatch, data)
+    options = dict(cache="cache/x.h5", epochs=2, batch_size=16, lr=0.05, seed=3, runs_dir=str(tmp_path))
+    one = api.train_head(run_name="one", **options)
+    assert "grid" not in one.extra and "solver" not in one.extra and one.config.seed == 3
+    # api.train_grid always writes the grid's run, even of one cell: the same head as the single run
+    cell = api.train_grid(lrs=[0.05], run_name="cell", **{k: v for k, v in options.items() if k != "lr"})
+    assert cell.extra["grid"]["seeds"] == [3] and cell.extra["seed_stats"]["n"] == 1
+    assert cell.summary.test_acc == one.summary.test_acc and cell.history[-1].val_acc == one.history[-1].val_acc
+    np.testing.assert_allclose(runs.load_head(cell.run_dir / "head.npz")["weight"],
+                               runs.load_head(one.run_dir / "head.npz")["weight"], atol=1e-6)
+
+    from featcache.head_runs import head_train
+
+    alias = head_train(cache="cache/x.h5", config=one.config, solver="optax", run_name="alias", progress=False)
+    assert alias.summary == dataclasses.replace(one.summary, training_time=alias.summary.training_time)
+    ridge = api.train_ridge(cache="cache/x.h5", l2s=[0.1, 10.0], runs_dir=str(tmp_path), run_name="ridge")
+    assert ridge.extra["solver"] == "ridge" and ridge.extra["ridge"]["l2s"] == [0.1, 10.0]

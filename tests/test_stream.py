@@ -21,7 +21,8 @@ from featcache.cache import FeatureReader, load_features
 from featcache.cli import cli
 from featcache.config import TrainConfig
 from featcache.errors import CacheError
-from featcache.head import fit_head, train_head
+from featcache.head import fit_head
+from featcache.head_runs import train_head
 from synthetic import gaussian_problem, write_cache
 
 SPLITS = ("train", "val", "test")
