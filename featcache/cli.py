@@ -15,7 +15,8 @@ from pathlib import Path
 import click
 
 from featcache.api import config_from
-from featcache.config import DEFAULT_STREAM_MEMORY_MIB, BenchConfig, DataConfig, ExtractConfig, FinetuneConfig, TrainConfig
+from featcache.config import (DEFAULT_STREAM_MEMORY_MIB, BenchConfig, DataConfig, ExtractConfig, FinetuneConfig,
+                              TrainConfig)
 from featcache.demo_run import run_demo
 from featcache.errors import UserError
 from featcache.reporting import FORMATS

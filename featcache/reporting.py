@@ -164,8 +164,6 @@ def interval_rows(runs) -> list[dict]:
     training settings, cache and fine-tuning settings (the first run of each seed counts; grid runs carry
     their own intervals; ridge runs are deterministic and never grouped).
     """
-    from featcache.metrics import mean_interval
-
     rows, groups = [], {}
     for run in runs:
         if "seed_stats" in run.extra:
@@ -190,17 +188,23 @@ def interval_rows(runs) -> list[dict]:
         first = members[0]
         rows.append({"model": first.model, "mode": run_row(first)["mode"], "setting": _setting(first.config),
                      "seeds": len(members),
-                     "best val acc": format_interval(mean_interval([r.summary.best_val_acc for r in members]).to_dict()),
-                     "test acc": format_interval(mean_interval([r.summary.test_acc for r in members]).to_dict()),
+                     "best val acc": _mean_interval([r.summary.best_val_acc for r in members]),
+                     "test acc": _mean_interval([r.summary.test_acc for r in members]),
                      "from": f"{len(members)} runs, seeds {', '.join(str(r.config.seed) for r in members)}"})
     return rows
+
+
+def _mean_interval(values) -> str:
+    from featcache.metrics import mean_interval
+
+    return format_interval(mean_interval(values).to_dict())
 
 
 def _grid_table(run):
     grid = run.extra["grid"]
     sel = grid["selected"]
-    rows = [{"lr": f"{c['lr']:g}", "weight decay": f"{c['weight_decay']:g}", "best val acc": format_interval(c["val_acc"]),
-             "test acc": format_interval(c["test_acc"]),
+    rows = [{"lr": f"{c['lr']:g}", "weight decay": f"{c['weight_decay']:g}",
+             "best val acc": format_interval(c["val_acc"]), "test acc": format_interval(c["test_acc"]),
              "selected": "◀ selected" if (c["lr"], c["weight_decay"]) == (sel["lr"], sel["weight_decay"]) else ""}
             for c in grid["cells"]]
     return _rich_table(rows, title=f"Grid of {run.model} heads ({grid['heads']} heads in one program; mean ± 95 % "

@@ -169,3 +169,39 @@ def test_option_defaults_are_the_config_defaults(command):
     assert sorted(found) == sorted(expected)
     for name, (given, field) in found.items():
         assert given == field, (command, name)
+
+
+def test_the_api_gets_the_checks_the_commands_get(tmp_path):
+    import featcache
+    from featcache.errors import UserError
+
+    with pytest.raises(UserError, match="--resume continues one run"):  # checked before any image is read
+        featcache.finetune_seeds(model="resnet18", data=tmp_path / "nowhere", seeds=2, resume=tmp_path)
+    for where in ({}, {"cache": "a.h5", "between": ("a.h5", "b.h5")}):
+        with pytest.raises(UserError, match="Give --cache FILE"):
+            featcache.shift_check(**where)
+    result = CliRunner().invoke(cli, ["shift"])
+    assert result.exit_code == 2 and result.output.startswith("Error: Give --cache FILE")
+
+
+def test_comma_lists_of_other_things_than_numbers_are_usage_errors():
+    result = CliRunner().invoke(cli, ["bench", "--scale-factors", "1,x"])
+    assert result.exit_code == 2 and "expected integers separated by commas, like 1,2,4; got '1,x'" in result.output
+    result = CliRunner().invoke(cli, ["bench", "--scale-epochs", "0"])  # a number: the library's check says no
+    assert result.exit_code == 2
+    assert result.output == "Error: --scale-factors and --scale-epochs must be positive integers.\n"
+
+
+def test_api_run_demo_passes_its_options_to_the_demo(monkeypatch):
+    import featcache
+    from featcache import demo_run
+
+    calls = []
+    monkeypatch.setattr(demo_run, "run_demo", lambda **kwargs: calls.append(kwargs) or "result")
+    assert featcache.run_demo(model="googlenet", epochs=2) == "result"
+    (quiet,) = calls
+    assert (quiet["model"], quiet["epochs"], quiet["progress"]) == ("googlenet", 2, False)
+    quiet["log"]("not printed")
+    calls.clear()
+    featcache.run_demo(verbose=True, lr=0.1)
+    assert calls[0]["log"] is print and calls[0]["progress"] is True and calls[0]["on_run"] is not None
