@@ -1,7 +1,9 @@
 """The Python API: one function per command (re-exported as featcache.extract, featcache.train_head, ...).
 
-Each function imports what it needs inside its body, so importing the API starts neither
-torch nor jax; see featcache/__init__.py for an example session.
+Each function builds the command's config from its keyword arguments (`config_from`) and calls the
+library function the command calls, so both get the same checks. Each imports what it needs inside
+its body, so importing the API starts neither torch nor jax; see featcache/__init__.py for an example
+session.
 """
 
 from __future__ import annotations
@@ -10,7 +12,15 @@ from dataclasses import fields
 from pathlib import Path
 
 __all__ = ["extract", "load_features", "train_head", "finetune", "report", "export", "load_model", "predict",
-           "train_grid", "train_ridge", "finetune_seeds", "shift_check"]
+           "train_grid", "train_ridge", "finetune_seeds", "shift_check", "run_demo"]
+
+
+def config_from(cls, options: dict, **given):
+    """cls(**given, **the entries of `options` named like its fields); those entries leave `options`.
+
+    The CLI and the API build every config this way: one keyword argument or click option, one field.
+    """
+    return cls(**given, **_split_kwargs(cls, options))
 
 
 def _split_kwargs(cls, kwargs: dict) -> dict:
@@ -18,10 +28,14 @@ def _split_kwargs(cls, kwargs: dict) -> dict:
     return {k: kwargs.pop(k) for k in list(kwargs) if k in names}
 
 
-def _data_config(data: str, kwargs: dict):
+def _data_config(data: str | Path, kwargs: dict):
     from featcache.config import DataConfig
 
-    return DataConfig(root=str(data), **_split_kwargs(DataConfig, kwargs))
+    return config_from(DataConfig, kwargs, root=str(data))
+
+
+def _quiet(_: str) -> None:
+    """The API's log: silent (the functions return what the commands print)."""
 
 
 def extract(*, model: str, data: str | Path, progress: bool = False, **options) -> Path:
@@ -33,10 +47,9 @@ def extract(*, model: str, data: str | Path, progress: bool = False, **options) 
     from featcache.config import ExtractConfig
     from featcache.extraction import extract as _extract
 
-    data_config = _data_config(data, options)
-    config = ExtractConfig(model=model, data=data_config, **_split_kwargs(ExtractConfig, options))
+    config = config_from(ExtractConfig, options, model=model, data=_data_config(data, options))
     _reject_unknown(options)
-    return _extract(config, progress=progress, log=lambda _: None)
+    return _extract(config, progress=progress, log=_quiet)
 
 
 def load_features(path: str | Path, split: str):
@@ -66,16 +79,10 @@ def finetune(*, model: str, data: str | Path, resume: str | Path | None = None, 
              **options):
     """Fine-tune `model` (or train only its head with freeze_backbone=True) in PyTorch. Returns a RunResult.
 
-    Options are the fields of FinetuneConfig, DataConfig and TrainConfig.
+    Options are the fields of FinetuneConfig, DataConfig and TrainConfig; resume: a stopped run directory.
     """
-    from featcache.config import FinetuneConfig, TrainConfig
-    from featcache.finetuning import finetune as _finetune
-
-    data_config = _data_config(data, options)
-    train = TrainConfig(**_split_kwargs(TrainConfig, options))
-    config = FinetuneConfig(model=model, data=data_config, **_split_kwargs(FinetuneConfig, options))
-    _reject_unknown(options)
-    return _finetune(config, train, resume=resume, progress=progress, log=lambda _: None)
+    (run,) = finetune_seeds(model=model, data=data, seeds=1, resume=resume, progress=progress, **options)
+    return run
 
 
 def report(runs, *, format: str = "table", figure: str | Path | None = None) -> str:
@@ -151,37 +158,54 @@ def train_ridge(*, cache: str | Path, l2s=None, run_name: str | None = None, pro
     return head_train(cache=cache, config=config, solver="ridge", l2s=l2s, run_name=run_name, progress=progress)
 
 
-def finetune_seeds(*, model: str, data: str | Path, seeds: int, progress: bool = False, **options) -> list:
+def finetune_seeds(*, model: str, data: str | Path, seeds: int, resume: str | Path | None = None,
+                   progress: bool = False, **options) -> list:
     """`finetune` with seeds seed, seed+1, ..., seed+K-1 in turn (one run each); returns their RunResults.
 
     report(runs) then shows their mean ± 95 % CI; featcache.metrics.mean_interval computes it.
+    resume continues one stopped run, so only with seeds=1.
     """
-    import dataclasses
-
     from featcache.config import FinetuneConfig, TrainConfig
-    from featcache.finetuning import finetune as _finetune
+    from featcache.finetuning import finetune_seeds as _finetune_seeds
 
-    data_config = _data_config(data, options)
-    train = TrainConfig(**_split_kwargs(TrainConfig, options))
-    config = FinetuneConfig(model=model, data=data_config, **_split_kwargs(FinetuneConfig, options))
+    train = config_from(TrainConfig, options)
+    config = config_from(FinetuneConfig, options, model=model, data=_data_config(data, options))
     _reject_unknown(options)
-    return [_finetune(config, dataclasses.replace(train, seed=seed), progress=progress, log=lambda _: None)
-            for seed in range(train.seed, train.seed + seeds)]
+    return _finetune_seeds(config, train, seeds=seeds, resume=resume, progress=progress, log=_quiet)
 
 
 def shift_check(*, cache: str | Path | None = None, between=None, split: str = "all", **options):
     """Shift check on cached features: cache's test vs train, or between=(A.h5, B.h5) (B vs A).
 
     Options: folds, permutations, seed, l2_scale, top, neighbours, max_rows (featcache.shift.check_shift).
-    Returns a ShiftReport (.auc, .p_value, .classes, .foreign, .verdict(), .to_dict()).
+    Returns a ShiftReport (.auc, .p_value, .classes, .foreign, .verdict(), .to_dict()). `featcache shift`
+    calls this function too (the routing and its check live here, once).
     """
+    from featcache.errors import UserError
     from featcache.shift import check_between, check_cache
 
     if (cache is None) == (between is None):
-        raise TypeError("give cache= or between=(A, B)")
+        raise UserError("Give --cache FILE (train vs test) or --between A.h5 B.h5 (two datasets), not both.")
     if cache is not None:
         return check_cache(cache, **options)
     return check_between(*between, split=split, **options)
+
+
+def run_demo(*, verbose: bool = False, **options):
+    """Run `featcache demo`: extract, head-train, the frozen loop, full fine-tune, report, export and predict.
+
+    Options: model, weights, image_size, epochs, finetune_epochs, lr, cache_dir, runs_dir (the keywords of
+    featcache.demo_run.run_demo, with its defaults). verbose: print what the command prints. (Not named
+    `demo`: featcache.demo is the module of the demo dataset.) Returns a
+    DemoResult (.head, .frozen, .full runs, .figure, .model_path, .predicted_acc, .extract_s, .cached_s).
+    """
+    from featcache.demo_run import run_demo as _run_demo
+
+    if not verbose:
+        return _run_demo(**options, progress=False, log=_quiet)
+    from featcache.reporting import print_summary
+
+    return _run_demo(**options, progress=True, log=print, on_run=print_summary)
 
 
 def _reject_unknown(options: dict) -> None:

@@ -1,30 +1,40 @@
 """The `featcache` command line: options -> config -> one library call -> report.
 
+Every option that sets a config field takes its default from the config dataclass (`config_option`);
+the checks of the values live in the library, so the Python API (api.py) gets the same ones.
 Nothing heavy is imported at module level: `featcache --help` must not start torch or jax.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
+import inspect
 import sys
 from pathlib import Path
 
 import click
 
-from featcache.config import DEFAULT_STREAM_MEMORY_MIB, DataConfig, ExtractConfig, TrainConfig
+from featcache.api import config_from
+from featcache.config import (DEFAULT_STREAM_MEMORY_MIB, BenchConfig, DataConfig, ExtractConfig, FinetuneConfig,
+                              TrainConfig)
+from featcache.demo_run import run_demo
 from featcache.errors import UserError
+from featcache.reporting import FORMATS
 
 # The registry's names, for click.Choice; backbones.py keeps torch imports inside functions.
 from featcache.backbones import BACKBONES  # noqa: E402
 
 MODEL_CHOICE = click.Choice(sorted(BACKBONES))
+DEVICE_CHOICE = click.Choice(["cpu", "cuda", "auto"])
 # Numeric option types: a value out of range is a usage error (exit 2) before any work starts.
 POSITIVE_INT = click.IntRange(min=1)
 WORKERS = click.IntRange(min=-1)  # -1 = auto
 POSITIVE_FLOAT = click.FloatRange(min=0, min_open=True)
 NON_NEGATIVE_FLOAT = click.FloatRange(min=0)
 FRACTION = click.FloatRange(min=0, max=1, max_open=True)
+WEIGHTS_METAVAR = "imagenet|none|PATH"
+WORKERS_HELP = "Decode worker processes."
+WORKERS_DEFAULT = "auto: half the cores, at most 4"
 
 
 class _Group(click.Group):
@@ -57,72 +67,183 @@ def main():  # console-script entry point
     cli(prog_name="featcache")
 
 
-# --------------------------------------------------------------------------- shared options
+# --------------------------------------------------------------------------- options from the configs
 
 
-def data_options(f):
-    """--data and the carving of missing val/test splits."""
-    @click.option("--data", "data", required=True, metavar="DIR|demo",
-                  help="Dataset folder ROOT/{train,val,test}/<class>/<image>, or 'demo' (built-in, 2 classes) "
-                       "or 'demo3' (3 classes).")
-    @click.option("--val-fraction", default=0.15, show_default=True, type=FRACTION,
-                  help="Fraction of train carved out as val when ROOT/val is missing (stratified).")
-    @click.option("--test-fraction", default=0.15, show_default=True, type=FRACTION,
-                  help="Fraction of train carved out as test when ROOT/test is missing (stratified).")
-    @click.option("--split-seed", default=0, show_default=True, help="Seed of the carved split.")
-    @click.option("--strict", is_flag=True,
-                  help="Stop at the first unreadable image instead of skipping it and listing it in failures.csv.")
+def default(source, name: str):
+    """The default of field `name` of a config dataclass (or keyword `name` of a function): one definition."""
+    value = inspect.signature(source).parameters[name].default
+    if value is inspect.Parameter.empty:
+        raise TypeError(f"{source.__name__}.{name} has no default")
+    return value
+
+
+def config_option(source, name: str, *decls: str, **kwargs):
+    """click.option setting field `name` of `source` (a config dataclass or a function), default read from there.
+
+    The option is --name-with-dashes unless `decls` are given; a bool field without a --x/--no-x pair is a
+    flag; a default other than None is shown in --help.
+    """
+    value = default(source, name)
+    decls = decls or (f"--{name.replace('_', '-')}",)
+    if isinstance(value, bool) and not any("/" in d for d in decls):
+        kwargs.setdefault("is_flag", True)
+    elif value is not None:
+        kwargs.setdefault("show_default", True)
+    return click.option(*decls, name, default=value, **kwargs)
+
+
+def _stack(f, options):
+    """Apply click options so that --help lists them in the order given."""
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+class CommaList(click.ParamType):
+    """A comma-separated list, e.g. 1e-4,1e-3,1e-2 (kind float), 1,2,4 (int), a,b (str); one value is a list of one."""
+
+    EXAMPLES = {float: "1e-4,1e-3", int: "1,2,4", str: "a,b"}
+
+    def __init__(self, kind: type = float, *, min: float | None = None, min_open: bool = False):
+        self.kind, self.min, self.min_open = kind, min, min_open  # every value must be > min (min_open) or >= min
+        self.name = {float: "X[,X...]", int: "N[,N...]", str: "A[,B...]"}[kind]
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            values = tuple(self.kind(v.strip()) for v in str(value).split(",") if v.strip())
+        except ValueError:
+            values = ()
+        if not values:
+            what = {float: "numbers", int: "integers", str: "names"}[self.kind]
+            self.fail(f"expected {what} separated by commas, like {self.EXAMPLES[self.kind]}; got {value!r}",
+                      param, ctx)
+        if self.min is not None:
+            for v in values:
+                if v <= self.min if self.min_open else v < self.min:
+                    self.fail(f"{v:g} is not {'>' if self.min_open else '>='} {self.min:g}", param, ctx)
+        return values
+
+
+FloatList = CommaList  # CommaList() is a list of floats; the name head-train's --l2 uses
+
+
+# --------------------------------------------------------------------------- shared option groups
+
+
+def data_options(f=None, *, required: bool = True, strict: bool = True, data_help: str | None = None):
+    """--data and the carving of missing val/test splits, passed on as `data_config` (a DataConfig).
+
+    As @data_options or @data_options(...): required=False lets --data be left out (data_config is then
+    None, e.g. where --data only finds a cache); strict=False leaves out --strict (nothing reads images).
+    """
+    if f is None:
+        return functools.partial(data_options, required=required, strict=strict, data_help=data_help)
+    options = [
+        click.option("--data", "data", required=required, default=None, metavar="DIR|demo", help=data_help or (
+            "Dataset folder ROOT/{train,val,test}/<class>/<image>, or 'demo' (built-in, 2 classes) or 'demo3' "
+            "(3 classes).")),
+        config_option(DataConfig, "val_fraction", type=FRACTION,
+                      help="Fraction of train carved out as val when ROOT/val is missing (stratified)."),
+        config_option(DataConfig, "test_fraction", type=FRACTION,
+                      help="Fraction of train carved out as test when ROOT/test is missing (stratified)."),
+        config_option(DataConfig, "split_seed", help="Seed of the carved split."),
+    ]
+    if strict:
+        options.append(config_option(DataConfig, "strict", help="Stop at the first unreadable image instead of "
+                                                                "skipping it and listing it in failures.csv."))
+
     @functools.wraps(f)
-    def wrapper(*args, data, val_fraction, test_fraction, split_seed, strict, **kwargs):
-        kwargs["data_config"] = DataConfig(root=data, val_fraction=val_fraction,
-                                           test_fraction=test_fraction, split_seed=split_seed, strict=strict)
+    def wrapper(*args, data, val_fraction, test_fraction, split_seed, strict=False, **kwargs):
+        kwargs["data_config"] = None if data is None else DataConfig(
+            root=data, val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed, strict=strict)
         return f(*args, **kwargs)
-    return wrapper
+    return _stack(wrapper, options)
+
+
+def _weights_option(source, help: str):
+    return config_option(source, "weights", metavar=WEIGHTS_METAVAR, help=help)
+
+
+def _image_size_option(source):
+    return config_option(source, "image_size", type=POSITIVE_INT, metavar="N",
+                         help="Crop size fed to the network (default: the model's native size, 224).")
 
 
 def backbone_options(f):
     """--weights, --image-size, --dtype, --cache-dir: what selects one cache file."""
-    @click.option("--weights", default="imagenet", show_default=True, metavar="imagenet|none|PATH",
-                  help="torchvision's default pretrained weights (downloaded once), random init, "
-                       "or a state_dict file of the full torchvision model.")
-    @click.option("--image-size", type=POSITIVE_INT, default=None, metavar="N",
-                  help="Crop size fed to the network (default: the model's native size, 224).")
-    @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
-                  help="Storage type of the cached features.")
-    @click.option("--cache-dir", default="cache", show_default=True, type=click.Path(file_okay=False),
-                  help="Folder of the cache files.")
-    @functools.wraps(f)
-    def wrapper(*args, **kwargs):
-        return f(*args, **kwargs)
-    return wrapper
+    return _stack(f, [
+        _weights_option(ExtractConfig, "torchvision's default pretrained weights (downloaded once), random init, "
+                                       "or a state_dict file of the full torchvision model."),
+        _image_size_option(ExtractConfig),
+        config_option(ExtractConfig, "dtype", type=click.Choice(["float32", "float16"]),
+                      help="Storage type of the cached features."),
+        config_option(ExtractConfig, "cache_dir", type=click.Path(file_okay=False), help="Folder of the cache files."),
+    ])
 
 
 def launch_options(f):
     """--nproc and --max-restarts: the command in N processes on this machine, under torchrun."""
-    @click.option("--nproc", type=click.IntRange(1), default=1, show_default=True,
-                  help="Processes on this machine, one per GPU (starts torchrun --nproc-per-node N); the results "
-                       "are those of one process. Under torchrun itself, leave it out.")
-    @click.option("--max-restarts", type=click.IntRange(0), default=0, show_default=True,
-                  help="With --nproc: how often torchrun restarts the processes after one fails; they resume "
-                       "(extract: the unfinished shards; finetune: from last.pt).")
-    @functools.wraps(f)
-    def wrapper(*args, **kwargs):
-        return f(*args, **kwargs)
-    return wrapper
+    return _stack(f, [
+        click.option("--nproc", type=click.IntRange(1), default=1, show_default=True,
+                     help="Processes on this machine, one per GPU (starts torchrun --nproc-per-node N); the "
+                          "results are those of one process. Under torchrun itself, leave it out."),
+        click.option("--max-restarts", type=click.IntRange(0), default=0, show_default=True,
+                     help="With --nproc: how often torchrun restarts the processes after one fails; they resume "
+                          "(extract: the unfinished shards; finetune: from last.pt)."),
+    ])
+
+
+def grid_train_options(f):
+    """train_options where --lr and --weight-decay take comma lists (head-train trains the grid)."""
+    return train_options(f, grid=True)
+
+
+def train_options(f, *, grid: bool = False):
+    """The training options shared by head-train and finetune: same names, TrainConfig's defaults."""
+    lists = " A comma list trains every value (with --weight-decay: every pair) in one program." if grid else ""
+    return _stack(f, [
+        config_option(TrainConfig, "epochs", type=POSITIVE_INT, help="Training epochs."),
+        config_option(TrainConfig, "batch_size", type=POSITIVE_INT,
+                      help="Mini-batch size (the last short batch is kept)."),
+        config_option(TrainConfig, "optimizer", type=click.Choice(["sgd", "adam", "adamw"]),
+                      help="Same arithmetic as torch.optim."),
+        config_option(TrainConfig, "lr", type=CommaList(min=0, min_open=True) if grid else POSITIVE_FLOAT,
+                      help="Initial learning rate." + lists),
+        config_option(TrainConfig, "momentum", type=NON_NEGATIVE_FLOAT, help="SGD momentum."),
+        config_option(TrainConfig, "nesterov", help="Nesterov momentum (SGD)."),
+        config_option(TrainConfig, "weight_decay", type=CommaList(min=0) if grid else NON_NEGATIVE_FLOAT,
+                      help="L2 penalty (sgd, adam) or decoupled decay (adamw)." + lists),
+        config_option(TrainConfig, "scheduler", type=click.Choice(["cosine", "none"]),
+                      help="cosine: CosineAnnealingLR(T_max=epochs) stepped per epoch, to 0."),
+        config_option(TrainConfig, "seed", help="Seed of head init and batch order (the same in both modes)."),
+        config_option(TrainConfig, "runs_dir", type=click.Path(file_okay=False),
+                      help="Where run directories are written."),
+    ])
+
+
+def _train_config(kwargs: dict, **extra) -> TrainConfig:
+    """The TrainConfig of head-train's options (the options are taken out of kwargs's copy)."""
+    return config_from(TrainConfig, dict(kwargs), **extra)
+
+
+# --------------------------------------------------------------------------- launching under torchrun
 
 
 def _launch(ctx: click.Context, *, nproc: int, max_restarts: int) -> None:
     """Run this command again in `nproc` processes under torchrun (the same options, less --nproc); wait for it."""
     from featcache.distributed import launch
 
-    code = launch(ctx.info_name, _forwarded_args(ctx, drop=("nproc", "max_restarts")), nproc=nproc,
+    code = launch(ctx.info_name, _given_args(ctx, drop=("nproc", "max_restarts")), nproc=nproc,
                   max_restarts=max_restarts)
     if code:
         raise UserError(f"The {nproc} processes under torchrun failed (exit code {code}); the lines above say why.",
                         exit_code=code)
 
 
-def _forwarded_args(ctx: click.Context, *, drop: tuple[str, ...]) -> list[str]:
+def _given_args(ctx: click.Context, *, drop: tuple[str, ...] = ()) -> list[str]:
     """The options given on the command line, as arguments again (what torchrun's processes get)."""
     args: list[str] = []
     for param in ctx.command.params:
@@ -133,80 +254,20 @@ def _forwarded_args(ctx: click.Context, *, drop: tuple[str, ...]) -> list[str]:
             args += [param.opts[0]] if value else list(param.secondary_opts[:1])
             continue
         for v in (value if param.multiple else [value]):
-            if isinstance(v, tuple):  # nargs > 1, or a FloatList
+            if isinstance(v, tuple):  # nargs > 1, or a CommaList
                 args += [param.opts[0], *map(str, v)] if param.nargs > 1 else [param.opts[0], ",".join(map(str, v))]
             else:
                 args += [param.opts[0], str(v)]
     return args
 
 
-class FloatList(click.ParamType):
-    """A comma-separated list of floats, e.g. 1e-4,1e-3,1e-2 (a single number is a list of one)."""
-
-    name = "X[,X...]"
-
-    def __init__(self, *, min: float | None = None, min_open: bool = False):
-        self.min, self.min_open = min, min_open  # every value must be > min (min_open) or >= min
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, tuple):
-            return value
-        if isinstance(value, (int, float)):
-            return (float(value),)
-        try:
-            values = tuple(float(v) for v in str(value).split(",") if v.strip())
-        except ValueError:
-            values = ()
-        if not values:
-            self.fail(f"expected numbers separated by commas, like 1e-4,1e-3; got {value!r}", param, ctx)
-        if self.min is not None:
-            for v in values:
-                if v <= self.min if self.min_open else v < self.min:
-                    self.fail(f"{v:g} is not {'>' if self.min_open else '>='} {self.min:g}", param, ctx)
-        return values
+def _command_line(ctx: click.Context) -> str:
+    """The command as typed: its name and the options given on the command line."""
+    return " ".join(["featcache", ctx.info_name, *_given_args(ctx)])
 
 
-def grid_train_options(f):
-    """train_options where --lr and --weight-decay take comma lists (head-train trains the grid)."""
-    return train_options(f, grid=True)
-
-
-def train_options(f, *, grid: bool = False):
-    """The training options shared by head-train and finetune: same names, same defaults."""
-    defaults = TrainConfig()
-    lists = " A comma list trains every value (with --weight-decay: every pair) in one program." if grid else ""
-    options = [
-        click.option("--epochs", default=defaults.epochs, show_default=True, type=POSITIVE_INT,
-                     help="Training epochs."),
-        click.option("--batch-size", default=defaults.batch_size, show_default=True, type=POSITIVE_INT,
-                     help="Mini-batch size (the last short batch is kept)."),
-        click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]), default=defaults.optimizer,
-                     show_default=True, help="Same arithmetic as torch.optim."),
-        click.option("--lr", default=defaults.lr, show_default=True,
-                     type=FloatList(min=0, min_open=True) if grid else POSITIVE_FLOAT,
-                     help="Initial learning rate." + lists),
-        click.option("--momentum", default=defaults.momentum, show_default=True, type=NON_NEGATIVE_FLOAT,
-                     help="SGD momentum."),
-        click.option("--nesterov", is_flag=True, help="Nesterov momentum (SGD)."),
-        click.option("--weight-decay", default=defaults.weight_decay, show_default=True,
-                     type=FloatList(min=0) if grid else NON_NEGATIVE_FLOAT,
-                     help="L2 penalty (sgd, adam) or decoupled decay (adamw)." + lists),
-        click.option("--scheduler", type=click.Choice(["cosine", "none"]), default=defaults.scheduler,
-                     show_default=True, help="cosine: CosineAnnealingLR(T_max=epochs) stepped per epoch, to 0."),
-        click.option("--seed", default=defaults.seed, show_default=True,
-                     help="Seed of head init and batch order (the same in both modes)."),
-        click.option("--runs-dir", default=defaults.runs_dir, show_default=True, type=click.Path(file_okay=False),
-                     help="Where run directories are written."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-def _train_config(kwargs: dict, **extra) -> TrainConfig:
-    names = ("epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov", "weight_decay",
-             "scheduler", "seed", "runs_dir")
-    return TrainConfig(**{n: kwargs.pop(n) for n in names}, **extra)
+def _silent(*_, **__) -> None:
+    """A log/echo that prints nothing (the processes of a torchrun group other than rank 0)."""
 
 
 # --------------------------------------------------------------------------- commands
@@ -223,8 +284,7 @@ def models():
     from featcache.backbones import describe_registry
     from featcache.reporting import print_table
 
-    rows = describe_registry()
-    print_table(rows, title="Backbones (featcache extract --model NAME)")
+    print_table(describe_registry(), title="Backbones (featcache extract --model NAME)")
 
 
 @cli.command("demo-data")
@@ -254,16 +314,14 @@ def demo_data(directory, seed, num_classes, image_size):
               help="Backbone; repeat to extract several in turn.")
 @data_options
 @backbone_options
-@click.option("--batch-size", default=64, show_default=True, type=POSITIVE_INT, help="Images per forward pass.")
-@click.option("--num-workers", type=WORKERS, default=-1, show_default="auto: half the cores, at most 4",
-              help="Decode worker processes.")
-@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "auto"]))
-@click.option("--amp", is_flag=True, help="bf16 autocast (CUDA only).")
-@click.option("--wait", is_flag=True, help="If another process is writing the same cache, wait for it.")
+@config_option(ExtractConfig, "batch_size", type=POSITIVE_INT, help="Images per forward pass.")
+@config_option(ExtractConfig, "num_workers", type=WORKERS, show_default=WORKERS_DEFAULT, help=WORKERS_HELP)
+@config_option(ExtractConfig, "device", type=DEVICE_CHOICE)
+@config_option(ExtractConfig, "amp", help="bf16 autocast (CUDA only).")
+@config_option(ExtractConfig, "wait", help="If another process is writing the same cache, wait for it.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @launch_options
-def extract(models_, data_config, weights, image_size, dtype, cache_dir, batch_size, num_workers,
-            device, amp, wait, quiet, nproc, max_restarts):
+def extract(models_, data_config, quiet, nproc, max_restarts, **options):
     """Run each backbone ONCE over every split and cache its penultimate features (HDF5).
 
     A second run with the same inputs is a cache hit and does no forward pass. With --nproc N
@@ -279,9 +337,7 @@ def extract(models_, data_config, weights, image_size, dtype, cache_dir, batch_s
     """
     from featcache.extraction import extract as run_extract, find_cache
 
-    configs = [ExtractConfig(model=model, data=data_config, weights=weights, image_size=image_size,
-                             batch_size=batch_size, num_workers=num_workers, dtype=dtype, device=device,
-                             amp=amp, cache_dir=cache_dir, wait=wait) for model in models_]
+    configs = [config_from(ExtractConfig, dict(options), model=model, data=data_config) for model in models_]
     if nproc > 1 and any(find_cache(config) is None for config in configs):  # user errors and hits: here, once
         return _launch(click.get_current_context(), nproc=nproc, max_restarts=max_restarts)
     for config in configs:
@@ -294,7 +350,7 @@ def cache_group():
 
 
 @cache_group.command("ls")
-@click.option("--cache-dir", default="cache", show_default=True, type=click.Path(file_okay=False))
+@config_option(ExtractConfig, "cache_dir", type=click.Path(file_okay=False))
 def cache_ls(cache_dir):
     """List the caches: model, dataset, splits (N), D, dtype, size, status.
 
@@ -304,18 +360,9 @@ def cache_ls(cache_dir):
     """
     from featcache.cache import list_caches
     from featcache.extraction import dataset_changed
-    from featcache.reporting import print_table
+    from featcache.reporting import cache_row, print_table
 
-    rows = [{
-        "dataset": r["dataset"], "model": r.get("model") or "?", "weights": r.get("weights") or "?",
-        "splits": " ".join(f"{s}={v['n']}" if v["n"] == v["done"] else f"{s}={v['done']}/{v['n']}"
-                           for s, v in r["splits"].items()),
-        "D": r.get("feature_dim") or "?", "dtype": r.get("dtype") or "?",
-        "size": f"{r['size'] / 1e6:.1f} MB",
-        # stale: its dataset changed since extraction (a re-run extracts a new cache; this one is never used)
-        "status": "stale" if r["status"] == "complete" and dataset_changed(r) else r["status"],
-        "file": Path(r["path"]).name,
-    } for r in list_caches(cache_dir)]
+    rows = [cache_row(record, dataset_changed=dataset_changed) for record in list_caches(cache_dir)]
     if not rows:
         click.echo(f"no caches in {cache_dir}")
         return
@@ -433,25 +480,23 @@ def _find_cache(model, data, data_config, *, weights, image_size, dtype, cache_d
 @cli.command()
 @click.option("--model", required=True, type=MODEL_CHOICE, help="Backbone to fine-tune.")
 @data_options
-@click.option("--weights", default="imagenet", show_default=True, metavar="imagenet|none|PATH",
-              help="Starting weights (as for extract).")
-@click.option("--image-size", type=POSITIVE_INT, default=None, metavar="N", help="Crop size (default: native, 224).")
+@_weights_option(FinetuneConfig, "Starting weights (as for extract).")
+@_image_size_option(FinetuneConfig)
 @train_options
-@click.option("--augment", is_flag=True, help="RandomResizedCrop + horizontal flip on train images.")
-@click.option("--freeze-backbone", is_flag=True,
-              help="The classic fixed-feature loop: backbone frozen in eval mode, images through it every epoch.")
-@click.option("--amp", is_flag=True, help="bf16 autocast (CUDA only).")
-@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "auto"]))
-@click.option("--num-workers", type=WORKERS, default=-1, show_default="auto", help="Decode worker processes.")
-@click.option("--cache-dir", default="cache", show_default=True, help="Where --data demo is rendered.")
+@config_option(FinetuneConfig, "augment", help="RandomResizedCrop + horizontal flip on train images.")
+@config_option(FinetuneConfig, "freeze_backbone",
+               help="The classic fixed-feature loop: backbone frozen in eval mode, images through it every epoch.")
+@config_option(FinetuneConfig, "amp", help="bf16 autocast (CUDA only).")
+@config_option(FinetuneConfig, "device", type=DEVICE_CHOICE)
+@config_option(FinetuneConfig, "num_workers", type=WORKERS, show_default=WORKERS_DEFAULT, help=WORKERS_HELP)
+@config_option(FinetuneConfig, "cache_dir", help="Where --data demo is rendered.")
 @click.option("--resume", "resume", type=click.Path(file_okay=False, exists=True), default=None,
               help="Continue a stopped run from its last finished epoch; the other options must be the run's own.")
 @click.option("--seeds", default=1, show_default=True, type=click.IntRange(1),
               help="Run K seeds in turn (--seed, --seed+1, ...), one run each, and report mean ± 95 % CI.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @launch_options
-def finetune(model, data_config, weights, image_size, augment, freeze_backbone, amp, device, num_workers,
-             cache_dir, resume, seeds, quiet, nproc, max_restarts, **kwargs):
+def finetune(data_config, resume, seeds, quiet, nproc, max_restarts, **options):
     """Train in PyTorch: the whole network with a new head, or (--freeze-backbone) only the head.
 
     Same plan (head init, batch order, lr per epoch) and metrics as head-train: with
@@ -469,37 +514,34 @@ def finetune(model, data_config, weights, image_size, augment, freeze_backbone, 
       # DDP on 4 GPUs (global batch 32 = 4 x 8), restarted from last.pt if a process dies
       featcache finetune --model resnet50 --data ./chest_xray --device cuda --nproc 4 --max-restarts 3
     """
-    from featcache.config import FinetuneConfig
     from featcache.distributed import check_finetune_launch, rank
-    from featcache.errors import DivergedError
     from featcache.reporting import compare_runs, print_summary
 
-    train = _train_config(kwargs)
-    if resume is not None and seeds > 1:
-        raise UserError("--resume continues one run; drop --seeds (resume each seed's run on its own).")
-    config = FinetuneConfig(model=model, data=data_config, weights=weights, image_size=image_size,
-                            augment=augment, freeze_backbone=freeze_backbone, amp=amp, device=device,
-                            num_workers=num_workers, cache_dir=cache_dir)
+    train = config_from(TrainConfig, options)
+    config = config_from(FinetuneConfig, options, data=data_config)
     if nproc > 1:
         if resume is None:
             check_finetune_launch(config, train, nproc=nproc)  # user errors here, once, not in N processes
         return _launch(click.get_current_context(), nproc=nproc, max_restarts=max_restarts)
-    from featcache.finetuning import finetune as run_finetune
+    from featcache.finetuning import finetune_seeds
 
-    echo = click.echo if rank() == 0 else (lambda *_, **__: None)  # under torchrun rank 0 reports
-    results = []
-    for seed in range(train.seed, train.seed + seeds):
-        if seeds > 1:
-            echo(f"== seed {seed} ({seed - train.seed + 1}/{seeds})")
-        results.append(run_finetune(config, dataclasses.replace(train, seed=seed), resume=resume,
-                                    progress=not quiet, log=echo))
-        if rank() == 0:
-            print_summary(results[-1])
+    main = rank() == 0  # under torchrun rank 0 reports
+    echo = click.echo if main else _silent
+    results = finetune_seeds(config, train, seeds=seeds, resume=resume, progress=not quiet, log=echo,
+                             on_run=print_summary if main else None)
     if seeds > 1:
         echo(compare_runs(results, format="table"), nl=False)
+    _raise_if_diverged(results)
+
+
+def _raise_if_diverged(results) -> None:
+    """DivergedError (exit code 5) for the first fine-tune run that diverged, saying what it kept."""
+    from featcache.errors import DivergedError
+    from featcache.finetuning import LAST_CKPT
+
     for result in results:
         if result.diverged:
-            kept = ("the last good checkpoint is its last.pt" if (result.run_dir / "last.pt").is_file()
+            kept = (f"the last good checkpoint is its {LAST_CKPT}" if (result.run_dir / LAST_CKPT).is_file()
                     else "no epoch finished before it, so there is no checkpoint")
             raise DivergedError(f"Training diverged ({result.extra.get('diverged_reason')}); lower --lr. "
                                 f"The run {result.run_dir} is marked diverged; {kept}.")
@@ -507,8 +549,7 @@ def finetune(model, data_config, weights, image_size, augment, freeze_backbone, 
 
 @cli.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv", "json"]), default="table",
-              show_default=True)
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=FORMATS[0], show_default=True)
 @click.option("--figure", type=click.Path(dir_okay=False), default="comparison.png", show_default=True,
               help="Val accuracy and loss curves of all runs; '' for none.")
 def report(run_dirs, fmt, figure):
@@ -553,137 +594,67 @@ def shift(cache_file, between, split, folds, permutations, top, seed, json_path)
       featcache shift --cache cache/demo-c2-s0-64px/resnet18-none-0123456789ab.h5
       featcache shift --between cache/siteA/resnet18-imagenet-aaa.h5 cache/siteB/resnet18-imagenet-bbb.h5
     """
-    from featcache.shift import check_between, check_cache, print_report
+    from featcache.api import shift_check
+    from featcache.shift import print_report
 
-    if (cache_file is None) == (between is None):
-        raise UserError("Give --cache FILE (train vs test) or --between A.h5 B.h5 (two datasets), not both.")
-    options = dict(folds=folds, permutations=permutations, seed=seed, top=top)
-    if cache_file is not None:
-        result = check_cache(cache_file, **options)
-    else:
-        result = check_between(*between, split=split, **options)
+    result = shift_check(cache=cache_file, between=between, split=split, folds=folds, permutations=permutations,
+                         seed=seed, top=top)
     print_report(result, json_path=json_path)
 
 
 @cli.command()
-@click.option("--model", default="resnet18", show_default=True, type=MODEL_CHOICE)
-@click.option("--weights", default="none", show_default=True, metavar="imagenet|none|PATH",
-              help="'none' needs no network; 'imagenet' downloads torchvision's weights once.")
-@click.option("--image-size", default=64, show_default=True, type=POSITIVE_INT,
-              help="Crop size (the demo images are 64 px).")
-@click.option("--epochs", default=30, show_default=True, type=POSITIVE_INT,
-              help="Epochs of head-train and of the frozen loop.")
-@click.option("--finetune-epochs", default=3, show_default=True, type=POSITIVE_INT,
-              help="Epochs of the full fine-tune (slowest).")
-@click.option("--lr", default=0.01, show_default=True, type=POSITIVE_FLOAT,
-              help="Learning rate of all three trainings (SGD).")
-@click.option("--cache-dir", default="cache", show_default=True)
-@click.option("--runs-dir", default="runs", show_default=True)
-def demo(model, weights, image_size, epochs, finetune_epochs, lr, cache_dir, runs_dir):
+@config_option(run_demo, "model", type=MODEL_CHOICE)
+@config_option(run_demo, "weights", metavar=WEIGHTS_METAVAR,
+               help="'none' needs no network; 'imagenet' downloads torchvision's weights once.")
+@config_option(run_demo, "image_size", type=POSITIVE_INT, help="Crop size (the demo images are 64 px).")
+@config_option(run_demo, "epochs", type=POSITIVE_INT, help="Epochs of head-train and of the frozen loop.")
+@config_option(run_demo, "finetune_epochs", type=POSITIVE_INT, help="Epochs of the full fine-tune (slowest).")
+@config_option(run_demo, "lr", type=POSITIVE_FLOAT, help="Learning rate of all three trainings (SGD).")
+@config_option(run_demo, "cache_dir")
+@config_option(run_demo, "runs_dir")
+def demo(**options):
     """Run everything on the built-in demo dataset, no network needed.
 
     demo data -> extract -> head-train (JAX, cached) -> finetune --freeze-backbone (the classic
-    loop; same numbers) -> full finetune -> report.
+    loop; same numbers) -> full finetune -> report -> export and predict.
 
     \b
     Example:
       featcache demo
       featcache demo --model googlenet --epochs 10
     """
-    import time
+    from featcache.reporting import print_summary
 
-    from featcache.config import FinetuneConfig
-    from featcache.datasets import resolve_data_root
-    from featcache.extraction import extract as run_extract
-    from featcache.finetuning import finetune as run_finetune
-    from featcache.head_runs import train_head
-    from featcache.reporting import compare_runs, print_summary
-
-    root = resolve_data_root("demo", cache_dir=cache_dir)
-    click.echo(f"== demo dataset: {root}")
-    data = DataConfig(root="demo")
-    click.echo(f"\n== 1. extract {model} once (weights {weights}, {image_size} px)")
-    t0 = time.perf_counter()
-    cache_file = run_extract(ExtractConfig(model=model, data=data, weights=weights, image_size=image_size,
-                                           cache_dir=cache_dir), log=click.echo)
-    extract_s = time.perf_counter() - t0
-    train = TrainConfig(epochs=epochs, lr=lr, runs_dir=runs_dir)
-    click.echo(f"\n== 2. head-train on the cache ({epochs} epochs, JAX)")
-    head = train_head(cache=cache_file, config=train)
-    print_summary(head)
-    click.echo(f"\n== 3. the classic frozen loop: images through the backbone every epoch ({epochs} epochs)")
-    ft = FinetuneConfig(model=model, data=data, weights=weights, image_size=image_size, cache_dir=cache_dir)
-    frozen = run_finetune(dataclasses.replace(ft, freeze_backbone=True), train, log=click.echo)
-    print_summary(frozen)
-    click.echo(f"\n== 4. full fine-tune ({finetune_epochs} epochs)")
-    full = run_finetune(ft, dataclasses.replace(train, epochs=finetune_epochs), log=click.echo)
-    print_summary(full)
-    click.echo("\n== 5. report")
-    figure = Path(runs_dir) / "demo-comparison.png"
-    click.echo(compare_runs([head, frozen, full], format="table", figure=figure), nl=False)
-    cached_s = extract_s + head.summary.training_time
-    click.echo(f"cached frozen mode: extract {extract_s:.1f} s + head {head.summary.training_time:.2f} s; "
-               f"classic frozen loop {frozen.summary.training_time:.1f} s "
-               f"({frozen.summary.training_time / cached_s:.1f}x); same test acc: "
-               f"{head.summary.test_acc:.4f} vs {frozen.summary.test_acc:.4f}")
-    click.echo(f"figure: {figure}")
-    click.echo("\n== 6. export the best demo model (the head-train run) and predict the demo test images")
-    from featcache.exporting import export as run_export
-    from featcache.prediction import predict as run_predict
-
-    exported = run_export(head.run_dir, out=Path(runs_dir) / "demo-model.pt", log=click.echo)
-    predictions = run_predict(exported.path, root / "test", num_workers=0)  # JAX is loaded: no forked workers
-    for row in predictions.rows[:3]:
-        click.echo(f"  {row.path}: {row.predicted} (p={max(row.probabilities):.3f})")
-    right = sum(Path(r.path).parent.name == r.predicted for r in predictions.rows)
-    acc = right / len(predictions.rows)
-    click.echo(f"predicted {len(predictions.rows)} test images with {exported.path}: accuracy {acc:.4f}; the run's "
-               f"test accuracy {head.summary.test_acc:.4f} "
-               f"({'agree' if acc == head.summary.test_acc else 'DISAGREE'})")
+    run_demo(**options, progress=True, log=click.echo, on_run=print_summary)
 
 
-def _command_line(ctx: click.Context) -> str:
-    """The command as typed: its name and the options given on the command line."""
-    words = ["featcache", ctx.info_name]
-    for param in ctx.command.params:
-        if ctx.get_parameter_source(param.name) == click.core.ParameterSource.COMMANDLINE:
-            value = ctx.params[param.name]
-            values = [] if getattr(param, "is_flag", False) else value if param.nargs > 1 else [value]
-            words += [param.opts[0], *map(str, values)]
-    return " ".join(words)
-
-
-def _int_list(value: str, option: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise UserError(f"{option} takes comma-separated integers, like 1,2,4; got {value!r}.") from None
+QUICK_BENCH_MODELS = ("resnet18",)  # bench --quick without --models
 
 
 @cli.command()
-@click.option("--models", default=None, metavar="A,B",
-              help="Backbones, comma-separated.  [default: resnet18,googlenet; with --quick: resnet18]")
-@click.option("--data", default="demo", show_default=True, metavar="DIR|demo", help="The images every path reads.")
-@click.option("--epochs", default=30, show_default=True, help="Epochs of every training path.")
-@click.option("--image-size", type=int, default=None, metavar="N",
-              help="Crop size fed to the networks (default: the model's native size, 224, as in the study).")
-@click.option("--batch-size", default=32, show_default=True, help="Training and extraction batch size.")
-@click.option("--weights", default="none", show_default=True, metavar="none|imagenet|PATH",
-              help="Backbone weights (speed does not depend on them; 'none' needs no network).")
-@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
-@click.option("--repeat", default=3, show_default=True, help="Runs of every path (interleaved); medians reported.")
-@click.option("--quick", is_flag=True, help="Smoke run (about 40 s on an idle machine): tiny demo, 32 px, 2 epochs, 1 repeat, no fine-tune.")
-@click.option("--no-finetune", is_flag=True, help="Skip path 6, the full fine-tune (the slowest).")
-@click.option("--scale-factors", default="1,2,4", show_default=True, help="Extraction at these multiples of the images.")
-@click.option("--scale-epochs", default="30,100,300", show_default=True, help="head-train at these epoch counts.")
-@click.option("--out", default="benchmarks/results", show_default=True, type=click.Path(file_okay=False),
-              help="Folder of the result JSON.")
-@click.option("--work-dir", default=None, type=click.Path(file_okay=False),
-              help="Keep datasets and caches here (default: a temporary folder, removed).")
+@config_option(BenchConfig, "models", type=CommaList(str), show_default="resnet18,googlenet; with --quick: resnet18",
+               help="Backbones, comma-separated.")
+@config_option(BenchConfig, "data", metavar="DIR|demo", help="The images every path reads.")
+@config_option(BenchConfig, "epochs", help="Epochs of every training path.")
+@config_option(BenchConfig, "image_size", type=int, metavar="N",
+               help="Crop size fed to the networks (default: the model's native size, 224, as in the study).")
+@config_option(BenchConfig, "batch_size", help="Training and extraction batch size.")
+@config_option(BenchConfig, "weights", metavar="none|imagenet|PATH",
+               help="Backbone weights (speed does not depend on them; 'none' needs no network).")
+@config_option(BenchConfig, "device", type=click.Choice(["cpu", "cuda"]))
+@config_option(BenchConfig, "repeat", help="Runs of every path (interleaved); medians reported.")
+@config_option(BenchConfig, "quick", help="Smoke run (about 40 s on an idle machine): tiny demo, 32 px, 2 epochs, "
+                                          "1 repeat, no fine-tune.")
+@config_option(BenchConfig, "finetune", "--finetune/--no-finetune",
+               help="Path 6, the full fine-tune (the slowest); --no-finetune skips it.")
+@config_option(BenchConfig, "scale_factors", type=CommaList(int), help="Extraction at these multiples of the images.")
+@config_option(BenchConfig, "scale_epochs", type=CommaList(int), help="head-train at these epoch counts.")
+@config_option(BenchConfig, "out", type=click.Path(file_okay=False), help="Folder of the result JSON.")
+@config_option(BenchConfig, "work_dir", type=click.Path(file_okay=False),
+               help="Keep datasets and caches here (default: a temporary folder, removed).")
 @click.option("--compare", nargs=2, default=None, type=click.Path(exists=True, dir_okay=False), metavar="A.json B.json",
               help="Show two results side by side instead of running.")
-def bench(models, data, epochs, image_size, batch_size, weights, device, repeat, quick, no_finetune, scale_factors,
-          scale_epochs, out, work_dir, compare):
+def bench(compare, **options):
     """Time the cached frozen mode against the classic loops, each path in its own process.
 
     Per model: 1 classic frozen loop, 2 extract + head-train (cold cache), 3 head-train (warm
@@ -697,18 +668,14 @@ def bench(models, data, epochs, image_size, batch_size, weights, device, repeat,
       featcache bench --compare benchmarks/results/A.json benchmarks/results/B.json
     """
     from featcache import bench as fb
-    from featcache.config import BenchConfig
 
     if compare:
         click.echo(fb.compare(fb.load_result(compare[0]), fb.load_result(compare[1]), sources=compare), nl=False)
         return
-    default_models = ("resnet18",) if quick else BenchConfig().models
-    config = BenchConfig(models=tuple(m for m in models.split(",") if m) if models else default_models, data=data,
-                         epochs=epochs, image_size=image_size, batch_size=batch_size, weights=weights, device=device,
-                         repeat=repeat, quick=quick, finetune=not no_finetune, out=out, work_dir=work_dir,
-                         scale_factors=_int_list(scale_factors, "--scale-factors"),
-                         scale_epochs=_int_list(scale_epochs, "--scale-epochs"))
-    doc, path = fb.run_bench(config, command=_command_line(click.get_current_context()), log=click.echo)
+    ctx = click.get_current_context()
+    if options["quick"] and ctx.get_parameter_source("models") == click.core.ParameterSource.DEFAULT:
+        options["models"] = QUICK_BENCH_MODELS
+    doc, path = fb.run_bench(config_from(BenchConfig, options), command=_command_line(ctx), log=click.echo)
     click.echo(fb.render(doc), nl=False)
     click.echo(f"result: {path}")
 
@@ -754,9 +721,8 @@ def export(run_dir, out, fmt, weights, cache_file, data_root, atol):
 @click.option("--out", default=None, type=click.Path(dir_okay=False),
               help="Write the predictions here as CSV (default: CSV on stdout).")
 @click.option("--batch-size", default=64, show_default=True, type=POSITIVE_INT, help="Images per forward pass.")
-@click.option("--num-workers", type=WORKERS, default=-1, show_default="auto: half the cores, at most 4",
-              help="Decode worker processes.")
-@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "auto"]))
+@click.option("--num-workers", type=WORKERS, default=-1, show_default=WORKERS_DEFAULT, help=WORKERS_HELP)
+@click.option("--device", default="cpu", show_default=True, type=DEVICE_CHOICE)
 @click.option("--weights", default=None, metavar="PATH",
               help="With a head-train RUN_DIR whose cache came from --weights PATH: that file.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -772,22 +738,25 @@ def predict(inputs, model_file, out, batch_size, num_workers, device, weights, q
       featcache predict runs/20261130-101500-head-resnet18 scan1.png scan2.png
     """
     from featcache.prediction import predict as run_predict
-    from featcache.files import atomic_write_bytes
 
-    if model_file is None:
-        if len(inputs) < 2:
-            raise UserError("Give --model-file FILE, or a run directory (or exported model file) before the images.")
-        model, images = inputs[0], inputs[1:]
-    else:
-        model, images = model_file, inputs
+    if model_file is None and len(inputs) < 2:
+        raise UserError("Give --model-file FILE, or a run directory (or exported model file) before the images.")
+    model, images = (inputs[0], inputs[1:]) if model_file is None else (model_file, inputs)
     result = run_predict(model, list(images), batch_size=batch_size, num_workers=num_workers, device=device,
                          weights=weights, progress=not quiet)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out, result.to_csv().encode())
-    else:
-        click.echo(result.to_csv(), nl=False)
+    _write_or_echo(result.to_csv(), out)
     for path, reason in result.failed:
         click.echo(f"unreadable: {path} ({reason})", err=True)
     click.echo(f"{len(result.rows)} images predicted, {len(result.failed)} unreadable"
                + (f"; wrote {out}" if out else ""), err=True)
+
+
+def _write_or_echo(text: str, out: str | None) -> None:
+    """Write text to the file `out` (atomically, creating its folder), or to stdout when out is None."""
+    from featcache.files import atomic_write_bytes
+
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out, text.encode())
+    else:
+        click.echo(text, nl=False)

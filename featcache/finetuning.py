@@ -86,6 +86,36 @@ def finetune(config: FinetuneConfig, train: TrainConfig, *, resume: str | Path |
     return loop.run(mode=mode, progress=progress)
 
 
+def finetune_seeds(config: FinetuneConfig, train: TrainConfig, *, seeds: int, resume: str | Path | None = None,
+                   progress: bool = True, log: Log = print,
+                   on_run: Callable[[runs.RunResult], None] | None = None) -> list[runs.RunResult]:
+    """`finetune` with the seeds train.seed, train.seed + 1, ..., train.seed + seeds - 1 in turn, one run each.
+
+    Args:
+        config, train, progress, log: as for `finetune`; with seeds > 1 each run starts with a line
+            "== seed S (k/K)".
+        seeds: how many seeds (K >= 1).
+        resume: a stopped run to continue (only with seeds=1: a run has one seed).
+        on_run: called with each finished run before the next starts (the CLI prints its summary).
+
+    Returns:
+        The runs in seed order; report(runs) shows their mean ± 95 % CI.
+    """
+    if seeds < 1:
+        raise UserError(f"--seeds must be at least 1, got {seeds}.")
+    if resume is not None and seeds > 1:
+        raise UserError("--resume continues one run; drop --seeds (resume each seed's run on its own).")
+    results = []
+    for k, seed in enumerate(range(train.seed, train.seed + seeds), start=1):
+        if seeds > 1:
+            log(f"== seed {seed} ({k}/{seeds})")
+        results.append(finetune(config, dataclasses.replace(train, seed=seed), resume=resume, progress=progress,
+                                log=log))
+        if on_run is not None:
+            on_run(results[-1])
+    return results
+
+
 def _drop_unreadable(index: DatasetIndex, config: FinetuneConfig) -> tuple[DatasetIndex, list[tuple[str, str, str]]]:
     """Decode every image once and leave out the unreadable ones (extract's skip rule), before the plan is made.
 

@@ -8,21 +8,27 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 # The original study's columns, in its order.
 COLUMNS = ("model", "mode", "train_loss", "train_acc", "best_val_loss", "best_val_acc", "test_acc", "training_time")
 HEADERS = {"model": "model", "mode": "mode", "train_loss": "train loss", "train_acc": "train acc",
            "best_val_loss": "best val loss", "best_val_acc": "best val acc", "test_acc": "test acc",
            "training_time": "training time (s)"}
-FORMATS = ("table", "markdown", "csv", "json")
+FORMATS = ("table", "markdown", "csv", "json")  # of compare_runs (and `featcache report --format`)
+INTERVALS_TITLE = "Intervals over seeds (mean ± 95 % t-interval)"
 
 
 def print_table(rows: Sequence[Mapping], *, title: str | None = None) -> None:
     """Print dict rows as a table (columns: the keys of the first row)."""
+    _console().print(_rich_table(rows, title=title))
+
+
+def _console():
+    """A rich console on stdout at least 120 columns wide (the study tables are wide)."""
     from rich.console import Console
 
-    Console(width=max(120, Console().width)).print(_rich_table(rows, title=title))
+    return Console(width=max(120, Console().width))
 
 
 def _rich_table(rows: Sequence[Mapping], *, title: str | None = None, headers: Mapping | None = None):
@@ -35,6 +41,21 @@ def _rich_table(rows: Sequence[Mapping], *, title: str | None = None, headers: M
     for r in rows:
         table.add_row(*(_fmt(r.get(c)) for c in columns))
     return table
+
+
+def cache_row(record: Mapping, *, dataset_changed: Callable[[Mapping], bool | None]) -> dict:
+    """The `featcache cache ls` row of one cache (a record of cache.list_caches).
+
+    A complete cache whose dataset_changed(record) since extraction is "stale": a re-run extracts a new
+    cache and this one is never used again.
+    """
+    splits = " ".join(f"{s}={v['n']}" if v["n"] == v["done"] else f"{s}={v['done']}/{v['n']}"
+                      for s, v in record["splits"].items())
+    return {"dataset": record["dataset"], "model": record.get("model") or "?",
+            "weights": record.get("weights") or "?", "splits": splits, "D": record.get("feature_dim") or "?",
+            "dtype": record.get("dtype") or "?", "size": f"{record['size'] / 1e6:.1f} MB",
+            "status": "stale" if record["status"] == "complete" and dataset_changed(record) else record["status"],
+            "file": Path(record["path"]).name}
 
 
 def run_row(run) -> dict:
@@ -54,10 +75,8 @@ def run_row(run) -> dict:
 
 def print_summary(run) -> None:
     """Print one run's table row and test details, as head-train and finetune end."""
-    from rich.console import Console
-
     row = {k: v for k, v in run_row(run).items() if k in COLUMNS}
-    console = Console(width=max(120, Console().width))
+    console = _console()
     console.print(_rich_table([row], title=f"{run.model} — {run.mode}", headers=HEADERS))
     s = run.summary
     auc = f", ROC-AUC {s.roc_auc:.4f}" if s.roc_auc is not None else ""
@@ -106,7 +125,7 @@ def compare_runs(runs, *, format: str = "table", figure: str | Path | None = Non
         lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
         intervals = interval_rows(loaded)
         if intervals:
-            lines += ["", "Intervals over seeds (mean ± 95 % t-interval):", "",
+            lines += ["", f"{INTERVALS_TITLE}:", "",
                       "| " + " | ".join(intervals[0]) + " |", "|" + "|".join("---" for _ in intervals[0]) + "|"]
             lines += ["| " + " | ".join(_fmt(v) for v in r.values()) + " |" for r in intervals]
         return "\n".join(lines) + "\n"
@@ -117,7 +136,7 @@ def compare_runs(runs, *, format: str = "table", figure: str | Path | None = Non
         console.print(_rich_table([{c: r[c] for c in COLUMNS} for r in rows], title="Runs", headers=HEADERS))
         intervals = interval_rows(loaded)
         if intervals:
-            console.print(_rich_table(intervals, title="Intervals over seeds (mean ± 95 % t-interval)"))
+            console.print(_rich_table(intervals, title=INTERVALS_TITLE))
         for run in loaded:
             if "grid" in run.extra:
                 console.print(_grid_table(run))
@@ -145,8 +164,6 @@ def interval_rows(runs) -> list[dict]:
     training settings, cache and fine-tuning settings (the first run of each seed counts; grid runs carry
     their own intervals; ridge runs are deterministic and never grouped).
     """
-    from featcache.metrics import mean_interval
-
     rows, groups = [], {}
     for run in runs:
         if "seed_stats" in run.extra:
@@ -171,17 +188,23 @@ def interval_rows(runs) -> list[dict]:
         first = members[0]
         rows.append({"model": first.model, "mode": run_row(first)["mode"], "setting": _setting(first.config),
                      "seeds": len(members),
-                     "best val acc": format_interval(mean_interval([r.summary.best_val_acc for r in members]).to_dict()),
-                     "test acc": format_interval(mean_interval([r.summary.test_acc for r in members]).to_dict()),
+                     "best val acc": _mean_interval([r.summary.best_val_acc for r in members]),
+                     "test acc": _mean_interval([r.summary.test_acc for r in members]),
                      "from": f"{len(members)} runs, seeds {', '.join(str(r.config.seed) for r in members)}"})
     return rows
+
+
+def _mean_interval(values) -> str:
+    from featcache.metrics import mean_interval
+
+    return format_interval(mean_interval(values).to_dict())
 
 
 def _grid_table(run):
     grid = run.extra["grid"]
     sel = grid["selected"]
-    rows = [{"lr": f"{c['lr']:g}", "weight decay": f"{c['weight_decay']:g}", "best val acc": format_interval(c["val_acc"]),
-             "test acc": format_interval(c["test_acc"]),
+    rows = [{"lr": f"{c['lr']:g}", "weight decay": f"{c['weight_decay']:g}",
+             "best val acc": format_interval(c["val_acc"]), "test acc": format_interval(c["test_acc"]),
              "selected": "◀ selected" if (c["lr"], c["weight_decay"]) == (sel["lr"], sel["weight_decay"]) else ""}
             for c in grid["cells"]]
     return _rich_table(rows, title=f"Grid of {run.model} heads ({grid['heads']} heads in one program; mean ± 95 % "

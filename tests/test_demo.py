@@ -163,3 +163,47 @@ def test_refuses_to_overwrite_a_foreign_folder(tmp_path):
     with pytest.raises(UserError, match="mine"):
         demo.make_demo_dataset(tmp_path / "mine", n_per_class=SMALL)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+# ---------------------------------------------------------------- `featcache demo`, end to end
+
+DEMO_ARGS = ["--epochs", "2", "--finetune-epochs", "1", "--image-size", "32"]
+DEMO_STEPS = [  # the lines that open each step, in order, as the command prints them
+    "== demo dataset: {cache}/demo-data/demo-c2-s0-64px",
+    "== 1. extract resnet18 once (weights none, 32 px)",
+    "== 2. head-train on the cache (2 epochs, JAX)",
+    "== 3. the classic frozen loop: images through the backbone every epoch (2 epochs)",
+    "== 4. full fine-tune (1 epochs)",
+    "== 5. report",
+    "figure: {runs}/demo-comparison.png",
+    "== 6. export the best demo model (the head-train run) and predict the demo test images",
+]
+
+
+@pytest.mark.slow  # extract, a JAX head, two PyTorch loops, export and predict (320 images of 32 px)
+def test_demo_command_prints_every_step_and_agrees_with_its_runs(tmp_path):
+    import re
+    import subprocess
+    import sys
+
+    from featcache import runs
+
+    cache, runs_dir = tmp_path / "cache", tmp_path / "runs"
+    out = subprocess.run([sys.executable, "-m", "featcache", "demo", *DEMO_ARGS, "--cache-dir", str(cache),
+                          "--runs-dir", str(runs_dir)], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    steps = [line for line in lines if line.startswith(("== ", "figure: "))]
+    assert steps == [s.format(cache=cache, runs=runs_dir) for s in DEMO_STEPS]
+    done = {runs.load_run(p).mode: runs.load_run(p) for p in runs_dir.iterdir() if p.is_dir()}
+    head, frozen = done["head"], done["frozen"]
+    assert sorted(done) == ["finetune", "frozen", "head"]
+    assert [len(done[m].history) for m in ("head", "frozen", "finetune")] == [2, 2, 1]
+    (cached,) = [line for line in lines if line.startswith("cached frozen mode: extract ")]
+    assert cached.endswith(f"same test acc: {head.summary.test_acc:.4f} vs {frozen.summary.test_acc:.4f}")
+    assert head.summary.test_acc == pytest.approx(frozen.summary.test_acc, abs=1e-9)  # the parity the demo shows
+    (predicted,) = [line for line in lines if line.startswith("predicted ")]
+    assert re.fullmatch(rf"predicted 60 test images with {runs_dir}/demo-model\.pt: accuracy (\S+); the run's "
+                        rf"test accuracy {head.summary.test_acc:.4f} \(agree\)", predicted), predicted
+    assert (runs_dir / "demo-comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len([line for line in lines if re.fullmatch(r"  \S+\.png: (normal|abnormal) \(p=0\.\d{3}\)", line)]) == 3
