@@ -141,3 +141,54 @@ def make_plan(*, n_train: int, feature_dim: int, num_outputs: int, config: Train
     for a in (weight, bias, perms, lrs):
         a.setflags(write=False)
     return TrainPlan(weight=weight, bias=bias, perms=perms, lrs=lrs, batch_size=int(config.batch_size))
+
+
+# --------------------------------------------------------------------------- class weights
+
+CLASS_WEIGHT_RULES = "none, balanced or W1,W2,... (one positive weight per class, in class order)"
+
+
+def parse_class_weight(spec: str) -> str | tuple[float, ...]:
+    """"none", "balanced" or the weights (W1, W2, ...) of --class-weight; UserError for anything else.
+
+    Checks the syntax only (each weight a finite number > 0); `class_weights` checks the count.
+    """
+    text = str(spec).strip().lower()
+    if text in ("none", "balanced"):
+        return text
+    try:
+        weights = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        weights = ()
+    if not weights or not all(math.isfinite(w) and w > 0 for w in weights):
+        raise UserError(f"--class-weight must be {CLASS_WEIGHT_RULES}, got {spec!r}.")
+    return weights
+
+
+def class_weights(*, labels: np.ndarray, num_classes: int, spec: str) -> np.ndarray | None:
+    """(C,) float64 loss weight of each class for --class-weight `spec`, or None for "none".
+
+    "balanced" is scikit-learn's compute_class_weight("balanced"): N / (C * count of class c) over
+    the TRAINING labels; "W1,W2,..." gives the weights as listed. How the losses apply them:
+    metrics.weighted_loss_from_logits.
+
+    Args:
+        labels: (N,) int training labels in [0, C).
+        num_classes: C.
+        spec: "none" | "balanced" | "W1,W2,...".
+    """
+    rule = parse_class_weight(spec)
+    if rule == "none":
+        return None
+    if rule == "balanced":
+        y = np.asarray(labels, dtype=np.int64).reshape(-1)
+        counts = np.bincount(y, minlength=num_classes)[:num_classes]
+        if (counts == 0).any():
+            missing = int(np.flatnonzero(counts == 0)[0])
+            raise UserError(f"--class-weight balanced needs training rows of every class but class {missing} "
+                            f"has none; give explicit weights W1,W2,... instead.")
+        return len(y) / (num_classes * counts.astype(np.float64))
+    if len(rule) != num_classes:
+        raise UserError(f"--class-weight lists {len(rule)} weights but the data has {num_classes} classes; "
+                        f"give one positive weight per class, in class order.")
+    return np.asarray(rule, dtype=np.float64)
