@@ -127,6 +127,31 @@ def _summary(history: list[EpochRecord], scores: np.ndarray, y_test: np.ndarray,
                              train_seconds=seconds, diverged=False)
 
 
+def _lbfgs_problems(xs: np.ndarray, ys: np.ndarray, mask: np.ndarray, val: Arrays, x_test: np.ndarray,
+                    cs: np.ndarray, *, num_classes: int, tol: float, max_iter: int, parallel: int | None
+                    ) -> tuple[list[tuple[float, EpochRecord, np.ndarray]], dict]:
+    """Fit the C grid on P problems xs (P, M, D) / ys (P, M) / mask (P, M) in one program, select C per problem
+    on val: per problem (selected C, its EpochRecord, test logits (N_test, K)), and the program's timings."""
+    lbfgs.check_solver_settings(tol, max_iter)
+    x_val, y_val = val
+    if parallel is None:  # the P problems sit side by side already: P * M rows per C
+        parallel = lbfgs.default_parallel(len(cs), rows=xs.shape[0] * xs.shape[1], dim=xs.shape[2])
+    args = (jnp.asarray(xs), jnp.asarray(ys, jnp.int32), jnp.asarray(mask, jnp.float32), jnp.asarray(x_val),
+            jnp.asarray(y_val, jnp.int32), jnp.asarray(cs, jnp.float32))
+    out, compile_s, fit_s = lbfgs.compiled_call(lbfgs.problems_program, *args, num_outputs=num_outputs_for(num_classes),
+                                                tol=float(tol), max_iter=int(max_iter), parallel=max(1, int(parallel)))
+    x_test_device = jnp.asarray(x_test)
+    problems = []
+    for p in range(len(xs)):
+        path = lbfgs.path_from_outputs({key: value[p] for key, value in out.items()}, cs, tol=tol,
+                                       n_train=int(mask[p].sum()), n_val=len(y_val), timings={})
+        i = path.select()
+        logits = np.asarray(lbfgs.linear_logits(x_test_device, jnp.asarray(path.weights[i]),
+                                                jnp.asarray(path.biases[i])))
+        problems.append((float(path.cs[i]), path.records()[i], logits))
+    return problems, {"compile_s": compile_s, "fit_s": fit_s, "parallel": parallel}
+
+
 def fewshot_lbfgs(train: Arrays, val: Arrays, test: Arrays, *, num_classes: int, shots: Sequence[int], draws: int,
                   seed: int = 0, cs: Sequence[float] = lbfgs.DEFAULT_CS, standardize: bool = False,
                   tol: float = lbfgs.DEFAULT_TOL, max_iter: int = lbfgs.DEFAULT_MAX_ITER,
@@ -155,20 +180,8 @@ def fewshot_lbfgs(train: Arrays, val: Arrays, test: Arrays, *, num_classes: int,
     if standardize:
         mean, std = standardization(x_train)
         x_train, x_val, x_test = ((x - mean) / std for x in (x_train, x_val, x_test))
-    parallel = lbfgs.default_parallel(len(c), rows=rows.shape[1], dim=x_train.shape[1]) if parallel is None else parallel
-    args = (jnp.asarray(x_train[rows]), jnp.asarray(y_train[rows], jnp.int32), jnp.asarray(mask, jnp.float32),
-            jnp.asarray(x_val), jnp.asarray(y_val, jnp.int32), jnp.asarray(c, jnp.float32))
-    out, compile_s, fit_s = lbfgs.compiled_call(lbfgs.problems_program, *args, num_outputs=num_outputs_for(num_classes),
-                                                tol=float(tol), max_iter=int(max_iter), parallel=max(1, int(parallel)))
-    x_test_device = jnp.asarray(x_test)
-    problems = []
-    for p in range(len(rows)):
-        path = lbfgs.path_from_outputs({key: value[p] for key, value in out.items()}, c, tol=tol,
-                                n_train=int(mask[p].sum()), n_val=len(y_val), timings={})
-        i = path.select()
-        logits = np.asarray(lbfgs.linear_logits(x_test_device, jnp.asarray(path.weights[i]),
-                                                jnp.asarray(path.biases[i])))
-        problems.append((path.cs[i], path.records()[i], logits))
+    problems, timings = _lbfgs_problems(x_train[rows], y_train[rows], mask, (x_val, y_val), x_test, c,
+                                        num_classes=num_classes, tol=tol, max_iter=max_iter, parallel=parallel)
     seconds = time.perf_counter() - t0
     results = []
     for s, (k, r) in enumerate(zip(shots, per_k)):
@@ -177,8 +190,7 @@ def fewshot_lbfgs(train: Arrays, val: Arrays, test: Arrays, *, num_classes: int,
                      for _, rec, logits in mine]
         results.append(_result(k, r, np.array([m[0] for m in mine]), np.array([m[1].val_acc for m in mine]),
                                summaries))
-    return FewShotFit(solver="lbfgs", seed=seed, results=results,
-                      timings={"compile_s": compile_s, "fit_s": fit_s, "seconds": seconds, "parallel": parallel})
+    return FewShotFit(solver="lbfgs", seed=seed, results=results, timings={**timings, "seconds": seconds})
 
 
 def _knn_draw(labels: np.ndarray, sims: np.ndarray, *, ks: tuple[int, ...], y_val: np.ndarray, y_test: np.ndarray,

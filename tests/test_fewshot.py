@@ -86,3 +86,12 @@ def test_knn_draws_in_one_program_equal_the_probe_on_each_draw(data):
             assert result.summaries[d].test_acc == alone.summary.test_acc
         assert result.test_acc == mean_interval([s.test_acc for s in result.summaries])
         assert result.test_acc.half_width > 0
+
+
+def test_the_probe_modules_never_import_torch():
+    import subprocess
+    import sys
+
+    code = "import featcache.fewshot, featcache.knn, featcache.lbfgs, sys; print(' '.join(sys.modules))"
+    mods = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
+    assert "featcache.lbfgs" in mods and not {"torch", "torchvision", "timm", "sklearn"} & mods
