@@ -27,7 +27,7 @@ from torch import nn
 from featcache import distributed, metrics, plots, runs
 from featcache.backbones import (Backbone, build_backbone, make_finetune_net, make_train_transform, pick_device)
 from featcache.config import FinetuneConfig, TrainConfig
-from featcache.datasets import (DatasetIndex, ImageDataset, SkipUnreadable, collate_readable, failures_csv,
+from featcache.datasets import (DatasetIndex, ImageDataset, SkipUnreadable, collate_readable, skipped_images_line, strict_error, write_failures_csv,
                                 resolve_data_root, scan_dataset)
 from featcache.files import atomic_write, atomic_write_bytes
 from featcache.errors import NoSpaceError, TerminatedError, UserError
@@ -78,9 +78,8 @@ def finetune(config: FinetuneConfig, train: TrainConfig, *, resume: str | Path |
     if run_dir is None:
         run_dir = _start_run_dir(config, train, mode=mode, fingerprint=fingerprint, group=group)
     if skipped and group.is_main:
-        atomic_write_bytes(run_dir / FAILURES_FILE, failures_csv(skipped).encode())
-        log(f"{len(skipped)} unreadable image{'s' if len(skipped) != 1 else ''} skipped, listed in "
-            f"{run_dir / FAILURES_FILE}")
+        write_failures_csv(run_dir / FAILURES_FILE, skipped)
+        log(skipped_images_line(len(skipped), run_dir / FAILURES_FILE))
     loop = _Loop(config=config, train=train, plan=plan, index=index, backbone=backbone,
                  device=device, run_dir=run_dir, log=log, dataset_fingerprint=fingerprint, group=group)
     return loop.run(mode=mode, progress=progress)
@@ -134,8 +133,7 @@ def _drop_unreadable(index: DatasetIndex, config: FinetuneConfig) -> tuple[Datas
         return index, []
     if config.data.strict:
         split, path, reason = skipped[0]
-        raise UserError(f"Cannot read image {index.root / path} ({reason}); replace or delete it, or drop "
-                        "--strict to skip unreadable images and list them in failures.csv.")
+        raise strict_error(index.root / path, reason)
     bad = {path for _, path, _ in skipped}
     kept = {split: tuple(s for s in samples if s.path not in bad) for split, samples in index.splits.items()}
     return dataclasses.replace(index, splits=kept), skipped

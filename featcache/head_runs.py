@@ -291,12 +291,13 @@ def load_splits(cache: str | Path, *, meta: dict | None = None, progress: bool =
 
     meta: the cache's metadata when already read (cache.read_meta); None = the one load_features returns.
     """
-    from featcache.cache import SPLITS, load_features
+    from featcache.cache import SPLITS
+    from featcache.cache import load_splits as load_cache_splits
 
     t0 = time.perf_counter()
-    loaded = {split: load_features(cache, split) for split in SPLITS}
+    read, loaded = load_cache_splits(cache)  # one open of the file for meta and every split
     load_s = time.perf_counter() - t0
-    meta = loaded["train"][2] if meta is None else meta
+    meta = read if meta is None else meta
     sizes = ", ".join(f"{len(loaded[split][1])} {split}" for split in SPLITS)
     _say(progress, f"Loaded {sizes} rows of {meta['feature_dim']} {meta['model']} features in {load_s:.2f} s")
     train, val, test = (loaded[split][:2] for split in SPLITS)

@@ -29,12 +29,22 @@ def test_help_imports_neither_torch_nor_jax():
 @pytest.mark.parametrize("module, forbidden", [
     ("featcache.head", {"torch", "torchvision"}),
     ("featcache.stream", {"torch", "torchvision"}),
+    ("featcache.sweep", {"torch", "torchvision"}),
+    ("featcache.ridge", {"torch", "torchvision"}),
+    ("featcache.lbfgs", {"torch", "torchvision", "timm"}),
+    ("featcache.knn", {"torch", "torchvision", "timm"}),
+    ("featcache.fewshot", {"torch", "torchvision", "timm"}),
+    ("featcache.head_runs", {"torch", "jax"}),  # orchestration: imports each side only inside functions
+    ("featcache.demo_run", {"torch", "jax"}),
     ("featcache.finetuning", {"jax", "flax", "optax"}),
     ("featcache.extraction", {"jax", "flax", "optax", "torch"}),  # torch only once it computes
     ("featcache.plan", {"jax", "torch"}),
     ("featcache.metrics", {"jax", "torch"}),
     ("featcache.runs", {"jax", "torch"}),
     ("featcache.cache", {"jax", "torch"}),
+    ("featcache.environment", {"jax", "torch", "numpy"}),
+    ("featcache.files", {"jax", "torch", "numpy"}),
+    ("featcache.standardize", {"jax", "torch"}),
 ])
 def test_import_boundaries(module, forbidden):
     assert not forbidden & _modules_after(f"import {module}")

@@ -183,7 +183,9 @@ def test_predict_cli_lists_unreadable_images_and_decodes_in_workers(work, demo2,
     reference = featcache.predict(head_model, good, num_workers=0)
     for row, ref in zip(rows[:3], reference.rows):
         assert row["predicted"] == ref.predicted and row["error"] == ""
-        assert float(row["prob_normal"]) == pytest.approx(ref.probabilities[1], abs=1e-6)
+        # batch size 2 here vs 64 there: oneDNN picks other convolution kernels, so probabilities agree to
+        # ~5e-6, not to the CSV's 6 decimals (measured 4.4e-6 on an AVX-512 EPYC)
+        assert float(row["prob_normal"]) == pytest.approx(ref.probabilities[1], abs=2e-5)
     assert rows[3]["predicted"] == "" and rows[3]["error"] and rows[4]["error"]
 
     # The same through the in-process CLI, CSV on stdout, the run directory in place of --model-file.

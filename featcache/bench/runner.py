@@ -9,7 +9,6 @@ import dataclasses
 import json
 import os
 import platform
-import re
 import shlex
 import shutil
 import subprocess
@@ -182,13 +181,12 @@ class _Runner:
         c = self.config
         args = self._cli("extract", *self._backbone_args(model), "--data", root, "--batch-size", c.batch_size,
                          "--device", c.device, "--cache-dir", cache_dir, "--quiet")
-        wall, out = self._run(args, what)
-        match = re.search(r": (\d+) images in [\d.]+ s \(([\d.]+) img/s\)", out)
-        if not match:
-            raise RuntimeError(f"cannot read the images/s from extract's output: {out!r}")
-        images, rate = int(match.group(1)), float(match.group(2))
+        from featcache.cache import read_meta
+
+        wall, _ = self._run(args, what)
         (cache_file,) = cache_dir.rglob("*.h5")
-        return {"wall_s": wall, "inproc_s": images / rate, "images": images}, cache_file
+        measured = read_meta(cache_file)["extraction"]  # what the extraction measured itself
+        return {"wall_s": wall, "inproc_s": measured["seconds"], "images": measured["images"]}, cache_file
 
     def _head(self, cache_file: Path, runs_dir: Path, epochs: int, what: str) -> dict:
         args = self._cli("head-train", "--cache", cache_file, "--epochs", epochs,
