@@ -260,9 +260,12 @@ META = {"class_names": ["normal", "pneumonia"], "model": "resnet18", "weights": 
 
 
 def _fake_cache(monkeypatch, data):
-    """featcache.cache.read_meta / load_features answering from in-memory splits (cache.py has its own tests)."""
+    """featcache.cache.read_meta / load_features / load_splits answering from in-memory splits (the cache
+    package has its own tests)."""
     meta = dict(META, splits={s: len(y) for s, (_, y) in data.items()})
     monkeypatch.setattr(featcache.cache, "load_features", lambda path, split: (*data[split], dict(meta)))
+    monkeypatch.setattr(featcache.cache, "load_splits",
+                        lambda path, splits=tuple(data): (dict(meta), {s: tuple(data[s][:2]) for s in splits}))
     monkeypatch.setattr(featcache.cache, "read_meta", lambda path: dict(meta))
 
 

@@ -250,6 +250,7 @@ def test_finetune_skips_the_same_images_and_matches_head_train_on_the_cache(brok
 KILL_DRIVER = """\
 import os, signal, sys
 import featcache.cache as cache
+import featcache.cache.writer as writer
 
 point = sys.argv[1]
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
@@ -265,7 +266,7 @@ else:  # the rename of the finished file (plain, or the copy without unreadable 
             real_replace(src, dst)
             die()
         return real_replace(src, dst)
-    cache.os.replace = replace
+    writer.os.replace = replace
 from featcache.cli import cli
 cli(sys.argv[2:], prog_name="featcache")
 """
