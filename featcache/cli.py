@@ -133,6 +133,11 @@ FloatList = CommaList  # CommaList() is a list of floats; the name head-train's 
 # --------------------------------------------------------------------------- shared option groups
 
 
+GROUP_BY_HELP = (r"Regex whose capture group names an image's group in its path, e.g. '(patient\d+)': carved val/test "
+                 "take whole groups; a group in more than one given split is reported (--strict: an error). A "
+                 "manifest's group column is used without it.")
+
+
 def data_options(f=None, *, required: bool = True, strict: bool = True, data_help: str | None = None):
     """--data and the carving of missing val/test splits, passed on as `data_config` (a DataConfig).
 
@@ -143,22 +148,24 @@ def data_options(f=None, *, required: bool = True, strict: bool = True, data_hel
         return functools.partial(data_options, required=required, strict=strict, data_help=data_help)
     options = [
         click.option("--data", "data", required=required, default=None, metavar="DIR|demo", help=data_help or (
-            "Dataset folder ROOT/{train,val,test}/<class>/<image>, or 'demo' (built-in, 2 classes) or 'demo3' "
-            "(3 classes).")),
+            "Dataset folder ROOT/{train,val,test}/<class>/<image>, a manifest CSV (columns path,label[,split,group]; "
+            "paths relative to its folder), or 'demo' (built-in, 2 classes) or 'demo3' (3 classes).")),
         config_option(DataConfig, "val_fraction", type=FRACTION,
                       help="Fraction of train carved out as val when ROOT/val is missing (stratified)."),
         config_option(DataConfig, "test_fraction", type=FRACTION,
                       help="Fraction of train carved out as test when ROOT/test is missing (stratified)."),
         config_option(DataConfig, "split_seed", help="Seed of the carved split."),
+        config_option(DataConfig, "group_by", metavar="REGEX", help=GROUP_BY_HELP),
     ]
     if strict:
         options.append(config_option(DataConfig, "strict", help="Stop at the first unreadable image instead of "
                                                                 "skipping it and listing it in failures.csv."))
 
     @functools.wraps(f)
-    def wrapper(*args, data, val_fraction, test_fraction, split_seed, strict=False, **kwargs):
+    def wrapper(*args, data, val_fraction, test_fraction, split_seed, group_by, strict=False, **kwargs):
         kwargs["data_config"] = None if data is None else DataConfig(
-            root=data, val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed, strict=strict)
+            root=data, val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed, strict=strict,
+            group_by=group_by)
         return f(*args, **kwargs)
     return _stack(wrapper, options)
 
@@ -403,6 +410,7 @@ from featcache.head_runs import DEFAULT_SOLVER, SOLVER_ALIASES, SOLVERS  # noqa:
               help="As given to extract (carved splits).")
 @click.option("--split-seed", default=DataConfig.split_seed, show_default=True,
               help="As given to extract (carved splits).")
+@click.option("--group-by", default=DataConfig.group_by, metavar="REGEX", help="As given to extract (carved splits).")
 @backbone_options
 @grid_train_options
 @click.option("--seeds", default=1, show_default=True, type=click.IntRange(1),
@@ -422,7 +430,7 @@ from featcache.head_runs import DEFAULT_SOLVER, SOLVER_ALIASES, SOLVERS  # noqa:
               help="Memory for the streamed blocks of features (bigger blocks, fewer reads).  "
                    f"[default: {DEFAULT_STREAM_MEMORY_MIB}, or a quarter of the memory available when less]")
 @click.option("--run-name", default=None, help="Run directory name (default <time>-head-<model>).")
-def head_train(cache_file, model, data, val_fraction, test_fraction, split_seed, weights, image_size, dtype,
+def head_train(cache_file, model, data, val_fraction, test_fraction, split_seed, group_by, weights, image_size, dtype,
                cache_dir, seeds, solver, l2s, standardize, stream, stream_memory, run_name, **kwargs):
     """Train the linear head in JAX on cached features: all epochs in one compiled program.
 
@@ -450,7 +458,8 @@ def head_train(cache_file, model, data, val_fraction, test_fraction, split_seed,
     config = _train_config(dict(kwargs, lr=lrs[0], weight_decay=weight_decays[0]), standardize=standardize)
     if cache_file is None:
         cache_file = _find_cache(model, data, DataConfig(root=data or "", val_fraction=val_fraction,
-                                                         test_fraction=test_fraction, split_seed=split_seed),
+                                                         test_fraction=test_fraction, split_seed=split_seed,
+                                                         group_by=group_by),
                                  weights=weights, image_size=image_size, dtype=dtype, cache_dir=cache_dir)
     result = run_head_train(cache=cache_file, config=config, solver=solver, lrs=lrs, weight_decays=weight_decays,
                             seeds=seeds, l2s=l2s, stream=stream, stream_memory_mib=stream_memory, run_name=run_name)

@@ -13,10 +13,11 @@ DEFAULT_STREAM_MEMORY_MIB = 1024  # head-train --stream-memory: memory for the b
 class DataConfig:
     """Where the images are and how missing val/test splits are carved from train."""
 
-    root: str  # a folder ROOT/{train,val,test}/<class>/<image>, or "demo"
+    root: str  # a folder ROOT/{train,val,test}/<class>/<image>, a manifest .csv, or "demo"
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     split_seed: int = 0
+    group_by: str | None = None  # regex whose capture group names an image's group (patient); carve whole groups
     strict: bool = False  # unreadable image: fatal instead of skipped and listed
 
 

@@ -13,6 +13,25 @@ ROOT, e.g. ``train/normal/a.png``); the first ``round(n * test_fraction)`` becom
 missing); Python's ``round`` (half to even). Adding a file moves only that file and at
 most a boundary file per carved split.
 
+Manifests: ``--data manifest.csv`` lists the images instead of folders: a header with the
+columns ``path,label`` and optionally ``split`` (train, val, test or empty) and ``group``;
+paths are relative to the CSV's folder (the dataset root), one row per image. Class names
+are the sorted distinct labels. Rows whose split is empty or ``train`` form the train pool;
+val/test with no row are carved from it exactly as a folder's missing splits. The CSV's own
+bytes are part of the fingerprint.
+
+Group-aware carving (``group_by``, a regex searched in each relative path whose first
+capture group -- or whole match -- names the image's group, e.g. a patient; or a manifest's
+``group`` column, an empty cell being its own group): carved val/test take whole groups.
+The train pool's groups are ordered by ``sha256(f"{seed}:{group}")``; each split's target
+per class is ``round(n_class * fraction)``; in that order each group goes to the carved
+split (test before val on ties) whose per-class deficit it reduces most, measured as the
+drop in ``sum_c |deficit_c|``, or stays in train when it reduces none. A carved split
+that got no group though its target was not zero then takes the train group that leaves
+its ``sum_c |deficit_c|`` smallest. A group with images in more than one given split
+(ROOT/train and ROOT/test, or manifest split values) is leakage: a warning line, or with
+``strict`` a UserError.
+
 Conversion rule of ``load_image`` (every image becomes 8-bit RGB):
 
 1. The EXIF orientation is applied (``ImageOps.exif_transpose``); multi-frame files
@@ -39,6 +58,8 @@ import hashlib
 import io
 import json
 import os
+import re
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,7 +69,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from featcache import demo
-from featcache.config import SPLITS
+from featcache.config import SPLITS, DataConfig
 from featcache.errors import UserError
 from featcache.files import atomic_write_bytes
 
@@ -91,6 +112,8 @@ class DatasetIndex:
     # is a folder and the seed None when nothing is carved, so unused settings do not
     # change the fingerprint.
     split_rule: dict
+    leaked_groups: tuple[str, ...] = ()  # groups with images in more than one given split (sorted)
+    manifest: str | None = None  # the manifest's file name inside root, when scanned from a CSV
 
     def files(self) -> list[tuple[str, Sample]]:
         """Every (split, sample), splits in SPLITS order."""
@@ -101,6 +124,8 @@ class DatasetIndex:
         digest = hashlib.sha256()
         header = {"class_names": list(self.class_names), "split_rule": self.split_rule}
         digest.update(json.dumps(header, sort_keys=True).encode())
+        if self.manifest is not None:
+            digest.update(f"\nmanifest\t{hashlib.sha256((self.root / self.manifest).read_bytes()).hexdigest()}".encode())
         for split, sample in self.files():
             try:
                 stat = os.stat(self.root / sample.path)
@@ -119,6 +144,8 @@ def resolve_data_root(data: str, *, cache_dir: str | Path = "cache") -> Path:
     if data == "demo3":
         return demo.ensure_demo_dataset(cache_dir, num_classes=3)
     root = Path(data).expanduser()
+    if root.is_file() and root.suffix.lower() == ".csv":
+        return root  # a manifest
     if not root.exists():
         raise UserError(f"Dataset folder {root} does not exist; pass --data DIR with "
                         "train/<class>/ images, or --data demo.")
@@ -129,19 +156,26 @@ def resolve_data_root(data: str, *, cache_dir: str | Path = "cache") -> Path:
 
 
 def scan_dataset(root: str | Path, *, val_fraction: float = 0.15, test_fraction: float = 0.15,
-                 seed: int = 0) -> DatasetIndex:
-    """Scan ROOT/{train,val,test}/<class>/... into a DatasetIndex, carving missing val/test from train.
+                 seed: int = 0, group_by: str | None = None, strict: bool = False,
+                 log: Callable[[str], None] | None = None) -> DatasetIndex:
+    """Scan ROOT/{train,val,test}/<class>/... (or a manifest CSV) into a DatasetIndex, carving missing val/test.
 
     Args:
-      root: the dataset folder.
+      root: the dataset folder, or a manifest .csv (module docstring).
       val_fraction: share of each train class carved as val when val/ is missing.
       test_fraction: share of each train class carved as test when test/ is missing.
       seed: orders files for carving (see the module docstring).
+      group_by: regex naming each path's group: carve whole groups, report groups spanning given splits.
+      strict: a group spanning given splits is a UserError instead of a warning.
+      log: where the leakage warning goes (default: stderr).
 
     Returns:
       The index; raises UserError for a bad layout or bad fractions.
     """
     root = Path(root).expanduser().resolve()
+    if root.is_file():
+        return scan_manifest(root, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+                             group_by=group_by, strict=strict, log=log)
     if not root.is_dir():
         raise UserError(f"Dataset folder {root} does not exist or is not a folder; pass --data "
                         "DIR with train/<class>/ images, or --data demo.")
@@ -156,15 +190,18 @@ def scan_dataset(root: str | Path, *, val_fraction: float = 0.15, test_fraction:
     found = _split_folders(root, class_names)
     carve = {split: split not in found for split in ("val", "test")}
     splits = {split: found.get(split, []) for split in SPLITS}
+    groups = group_of_paths(group_by, [s.path for samples in splits.values() for s in samples]) if group_by else None
+    leaked = _check_leakage(splits, groups, strict=strict, log=log)
     if any(carve.values()):
         splits = _carve(root, class_names, splits, carve=carve, val_fraction=val_fraction,
-                        test_fraction=test_fraction, seed=seed)
+                        test_fraction=test_fraction, seed=seed, groups=groups)
     split_rule = {
         "val": "carved" if carve["val"] else "folder",
         "test": "carved" if carve["test"] else "folder",
         "val_fraction": float(val_fraction) if carve["val"] else None,
         "test_fraction": float(test_fraction) if carve["test"] else None,
         "seed": int(seed) if any(carve.values()) else None,
+        **({"groups": "regex", "group_by": group_by} if group_by else {}),
     }
     return DatasetIndex(
         root=root,
@@ -173,6 +210,7 @@ def scan_dataset(root: str | Path, *, val_fraction: float = 0.15, test_fraction:
         splits={split: tuple(sorted(samples, key=lambda s: s.path))
                 for split, samples in splits.items()},
         split_rule=split_rule,
+        leaked_groups=leaked,
     )
 
 
@@ -340,9 +378,12 @@ def _class_images(root: Path, class_dir: Path) -> list[str]:
 
 
 def _carve(root: Path, class_names: tuple[str, ...], splits: dict[str, list[Sample]], *,
-           carve: dict[str, bool], val_fraction: float, test_fraction: float,
-           seed: int) -> dict[str, list[Sample]]:
-    """Move a stratified, seeded share of each train class into the missing val/test splits."""
+           carve: dict[str, bool], val_fraction: float, test_fraction: float, seed: int,
+           groups: dict[str, str] | None = None, where: str | None = None) -> dict[str, list[Sample]]:
+    """Move a stratified, seeded share of each train class (whole groups when `groups`) into the missing val/test."""
+    if groups is not None:
+        return _carve_groups(class_names, splits, groups, carve=carve, val_fraction=val_fraction,
+                             test_fraction=test_fraction, seed=seed, where=where or str(root / "train"))
     out = {split: list(samples) for split, samples in splits.items()}
     out["train"] = []
     for label, class_name in enumerate(class_names):
@@ -352,12 +393,209 @@ def _carve(root: Path, class_names: tuple[str, ...], splits: dict[str, list[Samp
         n_test = round(n * test_fraction) if carve["test"] else 0
         n_val = round(n * val_fraction) if carve["val"] else 0
         if n - n_test - n_val < 1:
-            raise UserError(f"Class folder {root / 'train' / class_name} has only {n} images, too "
+            where_class = f"Class folder {root / 'train' / class_name}" if where is None else \
+                f"Class {class_name!r} of {where}"
+            raise UserError(f"{where_class} has only {n} images, too "
                             "few to carve val/test from; add images or provide val/ and test/ folders.")
         out["test"] += members[:n_test]
         out["val"] += members[n_test:n_test + n_val]
         out["train"] += members[n_test + n_val:]
     return out
+
+
+def scan_data(root: str | Path, data: DataConfig, *, log: Callable[[str], None] | None = None) -> DatasetIndex:
+    """scan_dataset with the fractions, seed, group rule and strictness of a DataConfig (root from resolve_data_root)."""
+    return scan_dataset(root, val_fraction=data.val_fraction, test_fraction=data.test_fraction,
+                        seed=data.split_seed, group_by=data.group_by, strict=data.strict, log=log)
+
+
+def rescan(root: str | Path, split_rule: dict) -> DatasetIndex:
+    """Scan a dataset again with a split rule stored in a cache (its manifest, fractions, seed, group regex).
+
+    A fraction is None when its split was given (folder or manifest rows): it was not used, so 0 stands in.
+    Leakage is neither warned about nor an error here: the rescan only compares fingerprints.
+    """
+    root = Path(root)
+    target = root / split_rule["manifest"] if split_rule.get("manifest") else root
+    return scan_dataset(target, val_fraction=split_rule.get("val_fraction") or 0.0,
+                        test_fraction=split_rule.get("test_fraction") or 0.0, seed=split_rule.get("seed") or 0,
+                        group_by=split_rule.get("group_by"), log=lambda line: None)
+
+
+def group_of_paths(regex: str, paths: Sequence[str]) -> dict[str, str]:
+    """{path: group} by `regex` searched in each relative path: its first capture group, or the whole match.
+
+    Raises UserError for an invalid regex and for the first path it does not match.
+    """
+    try:
+        pattern = re.compile(regex)
+    except re.error as exc:
+        raise UserError(f"--group-by {regex!r} is not a valid regular expression ({exc}); pass one with a "
+                        r"capture group, e.g. '(patient\d+)'.") from exc
+    groups: dict[str, str] = {}
+    for path in paths:
+        match = pattern.search(path)
+        if match is None:
+            raise UserError(f"--group-by {regex!r} does not match the image path {path}; use a pattern that "
+                            "matches every image path (relative to the dataset root).")
+        groups[path] = (match.group(1) if pattern.groups else None) or match.group(0)
+    return groups
+
+
+def spanning_groups(splits: dict[str, Sequence[Sample]], groups: dict[str, str]) -> tuple[str, ...]:
+    """The sorted groups whose images lie in more than one split (`groups`: {path: group})."""
+    seen: dict[str, set[str]] = {}
+    for split, samples in splits.items():
+        for sample in samples:
+            seen.setdefault(groups[sample.path], set()).add(split)
+    return tuple(sorted(group for group, where in seen.items() if len(where) > 1))
+
+
+def leakage_line(leaked: Sequence[str]) -> str:
+    """The one warning line for groups with images in more than one given split."""
+    shown = ", ".join(leaked[:3]) + (", ..." if len(leaked) > 3 else "")
+    return (f"Warning: {len(leaked)} group{'s' if len(leaked) != 1 else ''} ({shown}) have images in more than one "
+            "given split, so test images have near-duplicates in training; put each group in one split "
+            "(--strict makes this an error).")
+
+
+def _check_leakage(splits: dict[str, list[Sample]], groups: dict[str, str] | None, *, strict: bool,
+                   log: Callable[[str], None] | None) -> tuple[str, ...]:
+    """Groups spanning the given splits: warned about (log, default stderr), or with `strict` a UserError."""
+    if groups is None:
+        return ()
+    leaked = spanning_groups({split: samples for split, samples in splits.items() if samples}, groups)
+    if leaked and strict:
+        raise UserError(f"{len(leaked)} group{'s' if len(leaked) != 1 else ''} ({', '.join(leaked[:3])}"
+                        f"{', ...' if len(leaked) > 3 else ''}) have images in more than one given split; move each "
+                        "group's images into one split, or drop --strict to only warn.")
+    if leaked:
+        (log or (lambda line: print(line, file=sys.stderr)))(leakage_line(leaked))
+    return leaked
+
+
+def _carve_groups(class_names: tuple[str, ...], splits: dict[str, list[Sample]], groups: dict[str, str], *,
+                  carve: dict[str, bool], val_fraction: float, test_fraction: float, seed: int,
+                  where: str) -> dict[str, list[Sample]]:
+    """Move whole train groups into the missing val/test splits by the greedy rule of the module docstring."""
+    members: dict[str, list[Sample]] = {}
+    for sample in splits["train"]:
+        members.setdefault(groups[sample.path], []).append(sample)
+    counts = {group: np.bincount([s.label for s in samples], minlength=len(class_names))  # (K,) int
+              for group, samples in members.items()}
+    total = sum(counts.values())
+    deficit = {split: np.array([round(int(n) * fraction) for n in total])  # (K,) int
+               for split, fraction in (("test", test_fraction), ("val", val_fraction)) if carve[split]}
+    targets = {split: int(d.sum()) for split, d in deficit.items()}
+    order = sorted(members, key=lambda g: (hashlib.sha256(f"{seed}:{g}".encode()).hexdigest(), g))
+    home = dict.fromkeys(order, "train")
+    for group in order:
+        gains = {split: int(np.abs(d).sum() - np.abs(d - counts[group]).sum()) for split, d in deficit.items()}
+        best = max(gains, key=lambda split: gains[split], default=None)  # dict order: test first on ties
+        if best is not None and gains[best] > 0:
+            home[group] = best
+            deficit[best] = deficit[best] - counts[group]
+    for split, d in deficit.items():
+        spare = [g for g in order if home[g] == "train"]
+        if targets[split] > 0 and split not in home.values() and spare:
+            pick = min(spare, key=lambda g: int(np.abs(d - counts[g]).sum()))
+            home[pick] = split
+    out = {split: list(samples) for split, samples in splits.items()}
+    out["train"] = []
+    for group in order:
+        out[home[group]] += members[group]
+    left = np.bincount([s.label for s in out["train"]], minlength=len(class_names))
+    for label, class_name in enumerate(class_names):
+        if left[label] < 1:
+            raise UserError(f"Class {class_name!r} of {where} lies in too few groups to carve val/test by group; "
+                            "add images of more groups, lower the fractions, or provide val and test splits.")
+    return out
+
+
+MANIFEST_COLUMNS = ("path", "label", "split", "group")
+
+
+def scan_manifest(csv_path: str | Path, *, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0,
+                  group_by: str | None = None, strict: bool = False,
+                  log: Callable[[str], None] | None = None) -> DatasetIndex:
+    """Scan a manifest CSV (module docstring) into a DatasetIndex rooted at the CSV's folder.
+
+    Groups come from `group_by` (a regex on the path) when given, else from the `group` column if
+    present. Raises UserError for a bad header, an empty path or label, an unknown split value, a
+    repeated path and a row naming a missing file (each names the line).
+    """
+    csv_path = Path(csv_path).expanduser().resolve()
+    _check_fractions(val_fraction=val_fraction, test_fraction=test_fraction)
+    rows, has_group = _read_manifest(csv_path)
+    class_names = tuple(sorted({label for _, label, _, _ in rows}))
+    splits: dict[str, list[Sample]] = {split: [] for split in SPLITS}
+    for path, label, split, _ in rows:
+        splits[split or "train"].append(Sample(path, class_names.index(label)))
+    if group_by:
+        groups = group_of_paths(group_by, [row[0] for row in rows])
+    else:
+        groups = {path: group or path for path, _, _, group in rows} if has_group else None
+    carve = {split: not splits[split] for split in ("val", "test")}
+    leaked = _check_leakage(splits, groups, strict=strict, log=log)
+    if any(carve.values()):
+        splits = _carve(csv_path.parent, class_names, splits, carve=carve, val_fraction=val_fraction,
+                        test_fraction=test_fraction, seed=seed, groups=groups, where=str(csv_path))
+    split_rule = {
+        "val": "carved" if carve["val"] else "manifest", "test": "carved" if carve["test"] else "manifest",
+        "val_fraction": float(val_fraction) if carve["val"] else None,
+        "test_fraction": float(test_fraction) if carve["test"] else None,
+        "seed": int(seed) if any(carve.values()) else None, "manifest": csv_path.name,
+        **({"groups": "regex", "group_by": group_by} if group_by else {"groups": "column"} if has_group else {}),
+    }
+    return DatasetIndex(root=csv_path.parent, name=csv_path.stem, class_names=class_names,
+                        splits={split: tuple(sorted(samples, key=lambda s: s.path))
+                                for split, samples in splits.items()},
+                        split_rule=split_rule, leaked_groups=leaked, manifest=csv_path.name)
+
+
+def _read_manifest(csv_path: Path) -> tuple[list[tuple[str, str, str, str]], bool]:
+    """([(path, label, split, group)] of every non-blank row, whether a group column exists); UserError per bad row."""
+    try:
+        text = csv_path.read_bytes().decode("utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"Cannot read the manifest {csv_path} ({exc}); pass a UTF-8 CSV with columns path,label.") \
+            from exc
+    reader = csv.reader(io.StringIO(text))
+    header = [name.strip().lower() for name in next(reader, [])]
+    if ("path" not in header or "label" not in header or len(set(header)) != len(header)
+            or not set(header) <= set(MANIFEST_COLUMNS)):
+        raise UserError(f"The manifest {csv_path} has the header {','.join(header) or '(none)'}; its first line "
+                        "must name the columns path,label and optionally split,group.")
+    rows, seen = [], set()
+    for line, values in enumerate(reader, start=2):
+        if not any(value.strip() for value in values):
+            continue
+        if len(values) != len(header):
+            raise UserError(f"Line {line} of {csv_path} has {len(values)} fields, not {len(header)}; give every "
+                            f"row the columns {','.join(header)}.")
+        cell = dict(zip(header, (value.strip() for value in values)))
+        row = (cell["path"], cell["label"], cell.get("split", "").lower(), cell.get("group", ""))
+        _check_manifest_row(csv_path, line, row, seen)
+        seen.add(row[0])
+        rows.append(row)
+    if not rows:
+        raise UserError(f"The manifest {csv_path} lists no images; add rows path,label.")
+    return rows, "group" in header
+
+
+def _check_manifest_row(csv_path: Path, line: int, row: tuple[str, str, str, str], seen: set[str]) -> None:
+    """UserError naming line `line` of the manifest for an empty path/label, unknown split, repeat or missing file."""
+    path, label, split, _ = row
+    if not path or not label:
+        raise UserError(f"Line {line} of {csv_path} has an empty {'path' if not path else 'label'}; "
+                        "give every row a path and a label.")
+    if split not in ("", *SPLITS):
+        raise UserError(f"Line {line} of {csv_path} has the split {split!r}; use train, val, test or leave it empty.")
+    if path in seen:
+        raise UserError(f"Line {line} of {csv_path} repeats the path {path}; list every image once.")
+    if not (csv_path.parent / path).is_file():
+        raise UserError(f"Line {line} of {csv_path} names {path}, which does not exist; fix the path (relative to "
+                        "the manifest's folder) or remove the row.")
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

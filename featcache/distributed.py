@@ -303,11 +303,10 @@ def check_batch_split(*, n_train: int, batch_size: int, world_size: int) -> None
 
 def check_finetune_launch(config, train, *, nproc: int) -> None:
     """The user errors of `finetune --nproc N` found before torchrun starts: one line, not one per process."""
-    from featcache.datasets import resolve_data_root, scan_dataset
+    from featcache.datasets import resolve_data_root, scan_data
     from featcache.plan import check_config
 
     check_config(train)
     root = resolve_data_root(config.data.root, cache_dir=config.cache_dir)
-    index = scan_dataset(root, val_fraction=config.data.val_fraction, test_fraction=config.data.test_fraction,
-                         seed=config.data.split_seed)
+    index = scan_data(root, config.data, log=lambda line: None)  # each process warns when it scans
     check_batch_split(n_train=len(index.splits.get("train") or ()), batch_size=train.batch_size, world_size=nproc)

@@ -31,7 +31,7 @@ from featcache import cache, distributed
 from featcache.backbones import describe_weights, get_spec
 from featcache.config import ExtractConfig
 from featcache.datasets import (DatasetIndex, ImageDataset, ImageLoadError, SkipUnreadable, collate_readable,
-                                load_image, resolve_data_root, scan_dataset, skipped_images_line, strict_error,
+                                load_image, rescan, resolve_data_root, scan_data, skipped_images_line, strict_error,
                                 write_failures_csv)
 from featcache.environment import default_num_workers, library_versions
 from featcache.errors import LockedError, UserError
@@ -83,8 +83,7 @@ def plan_extraction(config: ExtractConfig) -> ExtractPlan:
     if config.batch_size < 1:
         raise UserError("--batch-size must be at least 1.")
     root = resolve_data_root(config.data.root, cache_dir=config.cache_dir)
-    index = scan_dataset(root, val_fraction=config.data.val_fraction,
-                         test_fraction=config.data.test_fraction, seed=config.data.split_seed)
+    index = scan_data(root, config.data)
     fingerprint = index.fingerprint()  # a stat of every image: once
     weights_tag, weights_id, transform = describe_weights(
         config.model, weights=config.weights, image_size=config.image_size)
@@ -128,11 +127,8 @@ def dataset_changed(meta: dict) -> bool | None:
     root = Path(meta.get("dataset_root") or "")
     if not meta.get("dataset_root") or not root.is_dir():
         return None
-    rule = meta.get("split_rule") or {}
-    # A fraction is None when its split was a folder: it was not used, so 0 stands in for it.
     try:
-        index = scan_dataset(root, val_fraction=rule.get("val_fraction") or 0.0,
-                             test_fraction=rule.get("test_fraction") or 0.0, seed=rule.get("seed") or 0)
+        index = rescan(root, meta.get("split_rule") or {})
         return index.fingerprint() != meta.get("dataset_fingerprint")
     except UserError:  # no longer a valid dataset at all
         return True

@@ -28,7 +28,7 @@ from featcache import distributed, metrics, plots, runs
 from featcache.backbones import (Backbone, build_backbone, make_finetune_net, make_train_transform, pick_device)
 from featcache.config import FinetuneConfig, TrainConfig
 from featcache.datasets import (DatasetIndex, ImageDataset, SkipUnreadable, collate_readable, skipped_images_line, strict_error, write_failures_csv,
-                                resolve_data_root, scan_dataset)
+                                resolve_data_root, scan_data)
 from featcache.files import atomic_write, atomic_write_bytes
 from featcache.errors import NoSpaceError, TerminatedError, UserError
 from featcache.environment import default_num_workers, library_versions
@@ -215,8 +215,7 @@ def _scan(config: FinetuneConfig, group: distributed.Solo, *, stored_fingerprint
           run_dir: Path | None) -> tuple[DatasetIndex, list[tuple[str, str, str]], str]:
     """(the readable dataset, its unreadable images, the fingerprint of every file); UserError for unusable data."""
     root = resolve_data_root(config.data.root, cache_dir=config.cache_dir)
-    index = scan_dataset(root, val_fraction=config.data.val_fraction,
-                         test_fraction=config.data.test_fraction, seed=config.data.split_seed)
+    index = scan_data(root, config.data)
     fingerprint = index.fingerprint()  # of every file, readable or not: what extract's cache key covers
     if stored_fingerprint is not None and stored_fingerprint != fingerprint:
         raise UserError(f"The dataset {root} changed since {run_dir} started (files added, removed or edited); "
