@@ -9,6 +9,12 @@ Layout of one cache file (see README "The cache file"):
     /<split>/labels    (N,) int64
     /<split>/paths     (N,) utf-8 strings, relative to the dataset root
     /<split>/done      (N,) bool: rows whose features are written (what resume trusts)
+    /<split>/checksums (N,) uint32: crc32 of each row's feature bytes, written with the row (format 2)
+    /<split>/labels attrs: crc32 of the labels' int64 little-endian bytes (format 2)
+
+Every reader checks the checksums of what it reads before handing it on (`check_rows`,
+`check_labels`); a mismatch is a CacheError naming the file, split and rows. Format 1 files
+(before checksums) are read unchecked; `cache verify` says so.
 
 `extraction` is the measurement of the run that finished the file (images, seconds, images_per_s,
 device, batch_size, num_workers, processes); like `created` it describes the run, not the
@@ -20,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import zlib
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -28,7 +35,8 @@ import numpy as np
 
 from featcache.errors import CacheError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # format 1: written before checksums, read unchecked
 PARTIAL_SUFFIX = ".partial"
 LOCK_SUFFIX = ".lock"
 REQUIRED_ATTRS = (
@@ -133,3 +141,50 @@ def non_finite_error(path: str | Path, split: str, bad_rows: int, rows: int) -> 
 def non_finite_rows(features: np.ndarray) -> int:
     """Rows of a (N, D) array with a NaN or inf."""
     return int((~np.isfinite(features)).any(axis=1).sum()) if features.size else 0
+
+
+# --------------------------------------------------------------------------- checksums (format 2)
+
+
+def row_checksums(features: np.ndarray) -> np.ndarray:
+    """(N,) uint32: the crc32 of each row's bytes of a (N, D) float16|float32 array."""
+    rows = np.ascontiguousarray(features)
+    return np.fromiter((zlib.crc32(row) for row in rows), dtype=np.uint32, count=len(rows))
+
+
+def labels_checksum(labels: np.ndarray) -> int:
+    """The crc32 of (N,) labels as int64 little-endian bytes."""
+    return zlib.crc32(np.ascontiguousarray(labels, dtype="<i8"))
+
+
+def damaged_error(path: str | Path, split: str, what: str) -> CacheError:
+    """The error for a cache whose stored bytes differ from what was written (`what`: e.g. "features rows 3-9")."""
+    return CacheError(f"{path} is damaged (checksum mismatch in {split}/{what}); delete it and run featcache "
+                      "extract again.")
+
+
+def check_rows(path: str | Path, split: str, features: np.ndarray, rows: np.ndarray,
+               checksums: np.ndarray | None) -> None:
+    """Raise damaged_error unless every row of `features` (M, D) matches its stored checksum.
+
+    `rows` (M,) are the row numbers of `features`; `checksums` (N,) uint32 the split's stored ones
+    (None for a format 1 file: nothing to check).
+    """
+    if checksums is None or not len(features):
+        return
+    bad = np.asarray(rows)[row_checksums(features) != checksums[rows]]
+    if bad.size:
+        raise damaged_error(path, split, f"features rows {int(bad.min())}-{int(bad.max())}")
+
+
+def check_labels(path: str | Path, split: str, labels: np.ndarray, stored: int | None) -> None:
+    """Raise damaged_error unless (N,) `labels` match their stored checksum (None: a format 1 file)."""
+    if stored is not None and labels_checksum(labels) != int(stored):
+        raise damaged_error(path, split, "labels")
+
+
+def stored_checksums(group: h5py.Group) -> tuple[np.ndarray | None, int | None]:
+    """A split group's ((N,) uint32 row checksums, labels checksum); (None, None) in a format 1 file."""
+    if "checksums" not in group:
+        return None, None
+    return group["checksums"][...], group["labels"].attrs.get("crc32")
