@@ -168,11 +168,14 @@ def check_rows(path: str | Path, split: str, features: np.ndarray, rows: np.ndar
     """Raise damaged_error unless every row of `features` (M, D) matches its stored checksum.
 
     `rows` (M,) are the row numbers of `features`; `checksums` (N,) uint32 the split's stored ones
-    (None for a format 1 file: nothing to check).
+    (None for a format 1 file: nothing to check). Rows with NaN or inf are not reported here: every
+    reader refuses them with non_finite_error.
     """
     if checksums is None or not len(features):
         return
-    bad = np.asarray(rows)[row_checksums(features) != checksums[rows]]
+    # a row holding NaN or inf is left to the non-finite check every reader makes (its own message, counts whole
+    # splits); any other difference is damage
+    bad = np.asarray(rows)[(row_checksums(features) != checksums[rows]) & np.isfinite(features).all(axis=1)]
     if bad.size:
         raise damaged_error(path, split, f"features rows {int(bad.min())}-{int(bad.max())}")
 
