@@ -150,15 +150,18 @@ def data_options(f=None, *, required: bool = True, strict: bool = True, data_hel
         config_option(DataConfig, "test_fraction", type=FRACTION,
                       help="Fraction of train carved out as test when ROOT/test is missing (stratified)."),
         config_option(DataConfig, "split_seed", help="Seed of the carved split."),
+        config_option(DataConfig, "verify_content", help="Key the cache by a hash of every image's bytes instead "
+                      "of its size and modification time (reads every file; catches same-size, same-time swaps)."),
     ]
     if strict:
         options.append(config_option(DataConfig, "strict", help="Stop at the first unreadable image instead of "
                                                                 "skipping it and listing it in failures.csv."))
 
     @functools.wraps(f)
-    def wrapper(*args, data, val_fraction, test_fraction, split_seed, strict=False, **kwargs):
+    def wrapper(*args, data, val_fraction, test_fraction, split_seed, verify_content, strict=False, **kwargs):
         kwargs["data_config"] = None if data is None else DataConfig(
-            root=data, val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed, strict=strict)
+            root=data, val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed, strict=strict,
+            verify_content=verify_content)
         return f(*args, **kwargs)
     return _stack(wrapper, options)
 
@@ -352,7 +355,7 @@ def cache_group():
 @cache_group.command("ls")
 @config_option(ExtractConfig, "cache_dir", type=click.Path(file_okay=False))
 def cache_ls(cache_dir):
-    """List the caches: model, dataset, splits (N), D, dtype, size, status.
+    """List the caches: model, dataset, splits (N), D, dtype, size, status, key (stat|content).
 
     \b
     Example:
@@ -362,7 +365,8 @@ def cache_ls(cache_dir):
     from featcache.extraction import dataset_changed
     from featcache.reporting import cache_row, print_table
 
-    rows = [cache_row(record, dataset_changed=dataset_changed) for record in list_caches(cache_dir)]
+    rows = [dict(cache_row(record, dataset_changed=dataset_changed), key=record.get("key_mode") or "?")
+            for record in list_caches(cache_dir)]
     if not rows:
         click.echo(f"no caches in {cache_dir}")
         return

@@ -18,6 +18,7 @@ class DataConfig:
     test_fraction: float = 0.15
     split_seed: int = 0
     strict: bool = False  # unreadable image: fatal instead of skipped and listed
+    verify_content: bool = False  # the dataset fingerprint hashes every file's bytes, not its size and mtime
 
 
 @dataclass(frozen=True)

@@ -191,7 +191,7 @@ def test_unreadable_images_are_skipped_listed_never_padded_and_survive_a_resume(
         assert all(np.array_equal(a, b) for a, b in zip(got[split], uninterrupted[split]))
     assert cache.verify_cache(final) == []
     with h5py.File(final, "r") as f:  # the documented layout, nothing else
-        assert all(set(f[s]) == {"features", "labels", "paths", "done"} for s in SPLITS)
+        assert all(set(f[s]) == {"features", "labels", "paths", "done", "checksums"} for s in SPLITS)
         assert [tuple(r) for r in json.loads(f.attrs["skipped"])] == [tuple(r) for r in _csv_rows(csv_path)[1:]]
     # the resumed run measured its own work: the 32 - 5 readable images the interrupted run had not committed
     assert cache.read_meta(final)["extraction"]["images"] == 27

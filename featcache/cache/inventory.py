@@ -87,7 +87,8 @@ def list_caches(cache_dir: str | Path) -> list[dict]:
                 row.update(model=meta.get("model"), weights=meta.get("weights"), dtype=meta.get("dtype"),
                            feature_dim=meta.get("feature_dim"), key=meta.get("key"),
                            dataset_root=meta.get("dataset_root"), dataset_fingerprint=meta.get("dataset_fingerprint"),
-                           split_rule=meta.get("split_rule"))  # what extract.dataset_changed compares
+                           split_rule=meta.get("split_rule"),  # what extract.dataset_changed compares
+                           key_mode=meta.get("key_mode", "stat"))  # stat: size+mtime; content: file bytes
                 for split in f:
                     done = f[split]["done"][...]
                     row["splits"][split] = {"n": int(len(done)), "done": int(done.sum())}

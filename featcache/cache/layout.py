@@ -4,7 +4,8 @@ Layout of one cache file (see README "The cache file"):
 
     / attrs: format_version, key, model, weights, weights_sha256, transform (json), feature_dim,
              class_names (json), dataset_root, dataset_name, dataset_fingerprint, split_rule (json),
-             dtype, versions (json), created, complete, skipped (json), extraction (json)
+             dtype, versions (json), created, complete, skipped (json), extraction (json),
+             key_mode ("stat": the fingerprint covers size+mtime; "content": each file's sha256)
     /<split>/features  (N, D) float16|float32, chunked by rows, allocated up front
     /<split>/labels    (N,) int64
     /<split>/paths     (N,) utf-8 strings, relative to the dataset root
@@ -33,7 +34,7 @@ from typing import Mapping, Sequence
 import h5py
 import numpy as np
 
-from featcache.errors import CacheError
+from featcache.errors import CacheError, UserError
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # format 1: written before checksums, read unchecked
@@ -84,6 +85,11 @@ def partial_path(final: Path) -> Path:
     return final.with_name(final.name + PARTIAL_SUFFIX)
 
 
+def compact_path(final: Path) -> Path:
+    """`<final>.compact.partial`: the copy of a partial file without its unreadable rows, renamed into place."""
+    return final.with_name(final.name + ".compact" + PARTIAL_SUFFIX)
+
+
 def lock_path(final: Path) -> Path:
     """`<final>.lock`: the file whose flock a writer of `final` holds."""
     return final.with_name(final.name + LOCK_SUFFIX)
@@ -92,6 +98,33 @@ def lock_path(final: Path) -> Path:
 def failures_path(final: Path) -> Path:
     """`<cache stem>.failures.csv` beside the cache: the images extraction could not read (split, path, reason)."""
     return final.with_name(final.stem + ".failures.csv")
+
+
+def symlink_error(path: Path) -> CacheError:
+    """The error for a lock or partial file that is a symbolic link (never followed: it could point anywhere)."""
+    return CacheError(f"{path} is a symbolic link; remove it and run the same command again.")
+
+
+def refuse_symlink(path: Path) -> None:
+    """Raise symlink_error if `path` is a symbolic link (dangling or not); h5py would write at its target."""
+    if path.is_symlink():
+        raise symlink_error(path)
+
+
+def folder_error(folder: Path, exc: OSError) -> UserError:
+    """The error for a cache folder featcache cannot write in (read-only, no permission)."""
+    return UserError(f"cannot write in {folder} ({exc.strerror or exc.__class__.__name__}); choose a writable "
+                     "--cache-dir or fix its permissions.")
+
+
+def encode_paths(paths: Sequence[str]) -> list[bytes]:
+    """Image paths as stored in /<split>/paths: UTF-8, a file name's undecodable bytes kept as they are on disk."""
+    return [p.encode("utf-8", "surrogateescape") for p in paths]
+
+
+def decode_path(stored: bytes | str) -> str:
+    """A stored path back as the str os functions take (undecodable bytes as surrogates, like os.fsdecode)."""
+    return stored.decode("utf-8", "surrogateescape") if isinstance(stored, bytes) else stored
 
 
 def encode_attr(name: str, value):

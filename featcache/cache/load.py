@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 
 from featcache.cache.layout import (PARTIAL_SUFFIX, READABLE_VERSIONS, check_labels, check_rows, decode_attrs,
-                                    missing_rows_error, non_finite_error, non_finite_rows, stored_checksums,
+                                    decode_path, missing_rows_error, non_finite_error, non_finite_rows, stored_checksums,
                                     unreadable_cache_error)
 from featcache.cache.lock import missing_cache_error
 from featcache.config import SPLITS
@@ -143,4 +143,4 @@ def _read_split(f: h5py.File, path: str | Path, split: str, meta: dict) -> tuple
 def load_paths(path: str | Path, split: str) -> list[str]:
     """The image paths (relative to the dataset root) of one split, in row order."""
     with open_cache(path) as f:
-        return [p.decode() if isinstance(p, bytes) else p for p in f[split]["paths"][...]]
+        return [decode_path(p) for p in f[split]["paths"][...]]

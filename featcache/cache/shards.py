@@ -17,7 +17,8 @@ from typing import Callable, Mapping, Sequence
 import h5py
 import numpy as np
 
-from featcache.cache.layout import PARTIAL_SUFFIX, check_rows, decode_attrs, partial_path, stored_checksums
+from featcache.cache.layout import (PARTIAL_SUFFIX, check_rows, decode_attrs, decode_path, partial_path,
+                                    stored_checksums)
 from featcache.cache.writer import COPY_ROWS, CacheWriter, SplitRows
 
 
@@ -162,7 +163,7 @@ def merge_shards(final: Path, *, shards: Sequence[Path], meta: Mapping, feature_
                 shard_skipped = decode_attrs(f.attrs).get("skipped") or []
                 for split in splits:
                     g = f[split]
-                    kept = np.array([row_of[split][p.decode() if isinstance(p, bytes) else p]
+                    kept = np.array([row_of[split][decode_path(p)]
                                      for p in g["paths"][...]], dtype=np.int64)  # (M,) rows with features
                     failed = np.array(sorted(row_of[split][p] for s, p, _ in shard_skipped if s == split),
                                       dtype=np.int64)

@@ -22,8 +22,8 @@ from typing import Mapping, Sequence
 import h5py
 import numpy as np
 
-from featcache.cache.layout import (FORMAT_VERSION, PARTIAL_SUFFIX, encode_attr, labels_checksum, partial_path,
-                                    row_checksums, timestamp)
+from featcache.cache.layout import (FORMAT_VERSION, compact_path, encode_attr, encode_paths, labels_checksum,
+                                    partial_path, refuse_symlink, row_checksums, timestamp)
 from featcache.errors import NoSpaceError, out_of_space
 from featcache.files import fsync_dir
 
@@ -54,6 +54,7 @@ class CacheWriter:
         self._file = self._open_or_create(meta=meta, feature_dim=feature_dim, dtype=dtype, splits=splits)
 
     def _open_or_create(self, *, meta, feature_dim, dtype, splits) -> h5py.File:
+        refuse_symlink(self.partial)  # h5py follows links: a planted one would be written at its target
         if self.partial.exists():
             try:
                 f = h5py.File(self.partial, "r+", locking=False)  # our flock guards writers
@@ -100,7 +101,7 @@ class CacheWriter:
                               chunk_rows=min(ROWS_PER_CHUNK, max(n, 1)))
             labels = g.create_dataset("labels", data=np.asarray(rows.labels, dtype=np.int64))
             labels.attrs["crc32"] = labels_checksum(labels[...])
-            g.create_dataset("paths", data=list(rows.paths), dtype=h5py.string_dtype("utf-8"))
+            g.create_dataset("paths", data=encode_paths(rows.paths), dtype=h5py.string_dtype("utf-8"))
             _create_allocated(g, "checksums", (n,), np.dtype(np.uint32), chunk_rows=None)
             _create_allocated(g, "failed", (n,), np.dtype(bool), chunk_rows=None)
             _create_allocated(g, "done", (n,), np.dtype(bool), chunk_rows=None)
@@ -191,7 +192,8 @@ class CacheWriter:
     def _copy_without_failed(self, closing: Mapping) -> Path:
         """Write `<final>.compact.partial`: the partial file's attributes, then `closing`'s, and its readable rows."""
         src = self._file
-        out = self.final.with_name(self.final.name + ".compact" + PARTIAL_SUFFIX)
+        out = compact_path(self.final)
+        refuse_symlink(out)
         try:
             with h5py.File(out, "w", track_order=True, locking=False) as dst:
                 for name, value in src.attrs.items():
