@@ -407,6 +407,7 @@ from featcache.head_runs import DEFAULT_SOLVER, SOLVER_ALIASES, SOLVERS  # noqa:
               help="As given to extract (carved splits).")
 @click.option("--split-seed", default=DataConfig.split_seed, show_default=True,
               help="As given to extract (carved splits).")
+@click.option("--verify-content", is_flag=True, help="As given to extract (a cache keyed by the files' bytes).")
 @backbone_options
 @grid_train_options
 @click.option("--seeds", default=1, show_default=True, type=click.IntRange(1),
@@ -451,10 +452,12 @@ def head_train(cache_file, model, data, val_fraction, test_fraction, split_seed,
     from featcache.reporting import print_summary
 
     lrs, weight_decays = kwargs.pop("lr"), kwargs.pop("weight_decay")
+    verify_content = kwargs.pop("verify_content")
     config = _train_config(dict(kwargs, lr=lrs[0], weight_decay=weight_decays[0]), standardize=standardize)
     if cache_file is None:
         cache_file = _find_cache(model, data, DataConfig(root=data or "", val_fraction=val_fraction,
-                                                         test_fraction=test_fraction, split_seed=split_seed),
+                                                         test_fraction=test_fraction, split_seed=split_seed,
+                                                         verify_content=verify_content),
                                  weights=weights, image_size=image_size, dtype=dtype, cache_dir=cache_dir)
     result = run_head_train(cache=cache_file, config=config, solver=solver, lrs=lrs, weight_decays=weight_decays,
                             seeds=seeds, l2s=l2s, stream=stream, stream_memory_mib=stream_memory, run_name=run_name)

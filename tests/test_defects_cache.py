@@ -314,6 +314,10 @@ def test_verify_content_sees_a_same_size_same_mtime_swap_and_cache_ls_shows_the_
     assert _invoke(*args, "--verify-content").exit_code == 0
     by_stat, by_content = _final(data, tmp_path / "cache"), _final(data, tmp_path / "cache", verify_content=True)
     assert by_content.exists() and by_stat != by_content
+    found = _invoke("head-train", "--model", "resnet18", "--weights", "none", "--image-size", "32", "--data", data,
+                    "--cache-dir", tmp_path / "cache", "--verify-content", "--epochs", "1", "--runs-dir",
+                    tmp_path / "runs")  # head-train finds the cache by the same content key
+    assert found.exit_code == 0, found.output
     image = next((data / "val" / "normal").iterdir())
     st = image.stat()
     swapped = bytearray(image.read_bytes())
