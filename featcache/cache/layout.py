@@ -208,7 +208,9 @@ def check_rows(path: str | Path, split: str, features: np.ndarray, rows: np.ndar
         return
     # a row holding NaN or inf is left to the non-finite check every reader makes (its own message, counts whole
     # splits); any other difference is damage
-    bad = np.asarray(rows)[(row_checksums(features) != checksums[rows]) & np.isfinite(features).all(axis=1)]
+    rows = np.asarray(rows)
+    bad = np.flatnonzero(row_checksums(features) != checksums[rows])
+    bad = rows[bad[np.isfinite(features[bad]).all(axis=1)]] if bad.size else bad
     if bad.size:
         raise damaged_error(path, split, f"features rows {int(bad.min())}-{int(bad.max())}")
 
