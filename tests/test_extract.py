@@ -407,7 +407,7 @@ def test_plain_h5py_reads_the_documented_layout(data, tmp_path):
 def test_the_cache_records_its_extraction_outside_the_key(data, tmp_path, monkeypatch):
     fingerprints = []
     fingerprint = DatasetIndex.fingerprint
-    monkeypatch.setattr(DatasetIndex, "fingerprint", lambda index: fingerprints.append(1) or fingerprint(index))
+    monkeypatch.setattr(DatasetIndex, "fingerprint", lambda index, **kw: fingerprints.append(1) or fingerprint(index, **kw))
     config = ExtractConfig(model="resnet18", data=DataConfig(root=str(data)), weights="none", image_size=32,
                            batch_size=8, num_workers=0, cache_dir=str(tmp_path / "cache"))
     plan = plan_extraction(config)

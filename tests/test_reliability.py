@@ -265,7 +265,7 @@ else:  # the rename of the finished file (plain, or the copy without unreadable 
             real_replace(src, dst)
             die()
         return real_replace(src, dst)
-    cache.os.replace = replace
+    os.replace = replace  # what featcache.cache.writer calls
 from featcache.cli import cli
 cli(sys.argv[2:], prog_name="featcache")
 """
@@ -273,7 +273,8 @@ cli(sys.argv[2:], prog_name="featcache")
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point, dataset", [("before_first_commit", "clean"), ("before_rename", "clean"),
-                                            ("after_rename", "clean"), ("before_rename", "broken")])
+                                            ("after_rename", "clean"), ("before_rename", "broken"),
+                                            ("after_rename", "broken")])  # leaves the full-size .h5.partial
 def test_sigkill_at_each_step_never_leaves_a_partial_under_the_final_name(point, dataset, request, tmp_path):
     data = request.getfixturevalue(dataset)
     if dataset == "broken":  # the rename of the copy without the unreadable rows
