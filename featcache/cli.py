@@ -156,16 +156,19 @@ def data_options(f=None, *, required: bool = True, strict: bool = True, data_hel
                       help="Fraction of train carved out as test when ROOT/test is missing (stratified)."),
         config_option(DataConfig, "split_seed", help="Seed of the carved split."),
         config_option(DataConfig, "group_by", metavar="REGEX", help=GROUP_BY_HELP),
+        config_option(DataConfig, "verify_content", help="Key the cache by a hash of every image's bytes instead "
+                      "of its size and modification time (reads every file; catches same-size, same-time swaps)."),
     ]
     if strict:
         options.append(config_option(DataConfig, "strict", help="Stop at the first unreadable image instead of "
                                                                 "skipping it and listing it in failures.csv."))
 
     @functools.wraps(f)
-    def wrapper(*args, data, val_fraction, test_fraction, split_seed, group_by, strict=False, **kwargs):
+    def wrapper(*args, data, val_fraction, test_fraction, split_seed, group_by, verify_content, strict=False,
+                **kwargs):
         kwargs["data_config"] = None if data is None else DataConfig(
             root=data, val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed, strict=strict,
-            group_by=group_by)
+            group_by=group_by, verify_content=verify_content)
         return f(*args, **kwargs)
     return _stack(wrapper, options)
 
@@ -359,7 +362,7 @@ def cache_group():
 @cache_group.command("ls")
 @config_option(ExtractConfig, "cache_dir", type=click.Path(file_okay=False))
 def cache_ls(cache_dir):
-    """List the caches: model, dataset, splits (N), D, dtype, size, status.
+    """List the caches: model, dataset, splits (N), D, dtype, size, status, key (stat|content).
 
     \b
     Example:
@@ -369,7 +372,8 @@ def cache_ls(cache_dir):
     from featcache.extraction import dataset_changed
     from featcache.reporting import cache_row, print_table
 
-    rows = [cache_row(record, dataset_changed=dataset_changed) for record in list_caches(cache_dir)]
+    rows = [dict(cache_row(record, dataset_changed=dataset_changed), key=record.get("key_mode") or "?")
+            for record in list_caches(cache_dir)]
     if not rows:
         click.echo(f"no caches in {cache_dir}")
         return
@@ -411,6 +415,7 @@ from featcache.head_runs import DEFAULT_SOLVER, SOLVER_ALIASES, SOLVERS  # noqa:
 @click.option("--split-seed", default=DataConfig.split_seed, show_default=True,
               help="As given to extract (carved splits).")
 @click.option("--group-by", default=DataConfig.group_by, metavar="REGEX", help="As given to extract (carved splits).")
+@click.option("--verify-content", is_flag=True, help="As given to extract (a cache keyed by the files' bytes).")
 @backbone_options
 @grid_train_options
 @click.option("--seeds", default=1, show_default=True, type=click.IntRange(1),
@@ -455,11 +460,13 @@ def head_train(cache_file, model, data, val_fraction, test_fraction, split_seed,
     from featcache.reporting import print_summary
 
     lrs, weight_decays = kwargs.pop("lr"), kwargs.pop("weight_decay")
+    verify_content = kwargs.pop("verify_content")
     config = _train_config(dict(kwargs, lr=lrs[0], weight_decay=weight_decays[0]), standardize=standardize)
     if cache_file is None:
         cache_file = _find_cache(model, data, DataConfig(root=data or "", val_fraction=val_fraction,
                                                          test_fraction=test_fraction, split_seed=split_seed,
-                                                         group_by=group_by),
+                                                         group_by=group_by,
+                                                         verify_content=verify_content),
                                  weights=weights, image_size=image_size, dtype=dtype, cache_dir=cache_dir)
     result = run_head_train(cache=cache_file, config=config, solver=solver, lrs=lrs, weight_decays=weight_decays,
                             seeds=seeds, l2s=l2s, stream=stream, stream_memory_mib=stream_memory, run_name=run_name)

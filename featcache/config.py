@@ -19,6 +19,7 @@ class DataConfig:
     split_seed: int = 0
     group_by: str | None = None  # regex whose capture group names an image's group (patient); carve whole groups
     strict: bool = False  # unreadable image: fatal instead of skipped and listed
+    verify_content: bool = False  # the dataset fingerprint hashes every file's bytes, not its size and mtime
 
 
 @dataclass(frozen=True)

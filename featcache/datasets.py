@@ -119,22 +119,54 @@ class DatasetIndex:
         """Every (split, sample), splits in SPLITS order."""
         return [(split, sample) for split in SPLITS for sample in self.splits[split]]
 
-    def fingerprint(self) -> str:
-        """sha256 hex over class names, split rule and every file's split, path, label, size, mtime_ns."""
+    def fingerprint(self, *, content: bool = False) -> str:
+        """sha256 hex over class names, split rule and every file's split, path, label, size, mtime_ns.
+
+        content=True (--verify-content) hashes every file's bytes in place of its mtime: a file swapped for
+        another of the same size and time changes it (it reads the whole dataset once).
+        """
         digest = hashlib.sha256()
         header = {"class_names": list(self.class_names), "split_rule": self.split_rule}
+        if content:
+            header["key_mode"] = "content"
         digest.update(json.dumps(header, sort_keys=True).encode())
         if self.manifest is not None:
             digest.update(f"\nmanifest\t{hashlib.sha256((self.root / self.manifest).read_bytes()).hexdigest()}".encode())
         for split, sample in self.files():
             try:
                 stat = os.stat(self.root / sample.path)
+            except FileNotFoundError:  # a dangling symlink: the link itself; extraction lists it as unreadable
+                stat = _lstat_or_none(self.root / sample.path)
+                if stat is None:
+                    raise UserError(f"Image {self.root / sample.path} disappeared after the dataset "
+                                    "was scanned; run the command again.") from None
             except OSError as exc:
-                raise UserError(f"Image {self.root / sample.path} disappeared after the dataset "
-                                f"was scanned ({exc.strerror}); run the command again.") from exc
+                raise UserError(f"Image {self.root / sample.path} cannot be read ({exc.strerror}); fix its "
+                                "permissions or remove it.") from exc
+            stamp = _file_sha256(self.root / sample.path) if content else stat.st_mtime_ns
             digest.update(f"\n{split}\t{sample.path}\t{sample.label}\t{stat.st_size}\t"
-                          f"{stat.st_mtime_ns}".encode())
+                          f"{stamp}".encode("utf-8", "surrogateescape"))
         return digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 hex of a file's bytes ("" for one that cannot be opened: extraction lists it as unreadable)."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return ""
+    return digest.hexdigest()
+
+
+def _lstat_or_none(path: Path) -> os.stat_result | None:
+    """The lstat of a symbolic link whose target is gone, else None."""
+    try:
+        return os.lstat(path) if os.path.islink(path) else None
+    except OSError:
+        return None
 
 
 def resolve_data_root(data: str, *, cache_dir: str | Path = "cache") -> Path:
@@ -330,7 +362,7 @@ def failures_csv(failures: Sequence[tuple[str, str, str]]) -> str:
 
 def write_failures_csv(path: str | Path, failures: Sequence[tuple[str, str, str]]) -> None:
     """Write failures.csv (failures_csv) to `path` atomically: a reader sees all of it or none."""
-    atomic_write_bytes(path, failures_csv(failures).encode())
+    atomic_write_bytes(path, failures_csv(failures).encode("utf-8", "surrogateescape"))  # names as on disk
 
 
 def skipped_images_line(count: int, csv_path: str | Path, *, note: str = "") -> str:
@@ -388,7 +420,7 @@ def _carve(root: Path, class_names: tuple[str, ...], splits: dict[str, list[Samp
     out["train"] = []
     for label, class_name in enumerate(class_names):
         members = sorted((s for s in splits["train"] if s.label == label),
-                         key=lambda s: (hashlib.sha256(f"{seed}:{s.path}".encode()).hexdigest(), s.path))
+                         key=lambda s: (hashlib.sha256(f"{seed}:{s.path}".encode("utf-8", "surrogateescape")).hexdigest(), s.path))
         n = len(members)
         n_test = round(n * test_fraction) if carve["test"] else 0
         n_val = round(n * val_fraction) if carve["val"] else 0

@@ -84,7 +84,7 @@ def plan_extraction(config: ExtractConfig) -> ExtractPlan:
         raise UserError("--batch-size must be at least 1.")
     root = resolve_data_root(config.data.root, cache_dir=config.cache_dir)
     index = scan_data(root, config.data)
-    fingerprint = index.fingerprint()  # a stat of every image: once
+    fingerprint = index.fingerprint(content=config.data.verify_content)  # a stat (or a read) of every image: once
     weights_tag, weights_id, transform = describe_weights(
         config.model, weights=config.weights, image_size=config.image_size)
     key = cache.cache_key(
@@ -101,6 +101,7 @@ def plan_extraction(config: ExtractConfig) -> ExtractPlan:
         "dataset_root": str(index.root), "dataset_name": index.name,
         "dataset_fingerprint": fingerprint, "split_rule": index.split_rule,
         "versions": library_versions(), "created": "",
+        "key_mode": "content" if config.data.verify_content else "stat",
     }
     return ExtractPlan(config=config, index=index, key=key, path=path, meta=meta)
 
@@ -129,7 +130,7 @@ def dataset_changed(meta: dict) -> bool | None:
         return None
     try:
         index = rescan(root, meta.get("split_rule") or {})
-        return index.fingerprint() != meta.get("dataset_fingerprint")
+        return index.fingerprint(content=meta.get("key_mode") == "content") != meta.get("dataset_fingerprint")
     except UserError:  # no longer a valid dataset at all
         return True
 
@@ -158,11 +159,26 @@ def extract(config: ExtractConfig, *, progress: bool = True, log: Log = print) -
     if distributed.world_size() > 1:  # under torchrun: one shard per process, merged by rank 0
         return _extract_sharded(plan, progress=progress, log=log)
     if _is_complete(plan):
+        if _leftovers(plan.path):
+            with contextlib.suppress(UserError), cache.write_lock(plan.path):  # held: leave them to the holder
+                _remove_leftovers(plan.path)
         return _cache_hit(plan, log=log)
     with cache.write_lock(plan.path, wait=config.wait):
         if _is_complete(plan):  # written by the process we waited for
+            _remove_leftovers(plan.path)
             return _cache_hit(plan, log=log)
         return _run_extraction(plan, progress=progress, log=log)
+
+
+def _leftovers(final: Path) -> list[Path]:
+    """The partial files of a complete cache that a kill right after its final rename left behind."""
+    return [p for p in (cache.partial_path(final), cache.compact_path(final)) if p.is_symlink() or p.exists()]
+
+
+def _remove_leftovers(final: Path) -> None:
+    """Remove _leftovers(final); call it holding the writer lock, with `final` complete."""
+    for p in _leftovers(final):
+        p.unlink(missing_ok=True)
 
 
 def _cache_hit(plan: ExtractPlan, *, log: Log) -> Path:
@@ -204,6 +220,8 @@ def _run_extraction(plan: ExtractPlan, *, progress: bool, log: Log,
     num_workers = default_num_workers() if config.num_workers < 0 else config.num_workers
     t0 = time.perf_counter()
     try:
+        if config.data.strict:  # rows an interrupted run committed as unreadable fail --strict as well
+            _refuse_failed_rows(plan, writer)
         n_done, reasons = _compute(plan, writer, net=net, backbone=backbone, device=device,
                                    num_workers=num_workers, progress=progress)
         measured = Measurement(images=n_done, seconds=time.perf_counter() - t0, device=str(device),
@@ -308,6 +326,12 @@ def _forward(net, batch, *, device, amp: bool, dtype: np.dtype, feature_dim: int
                                                 enabled=amp and device.type == "cuda"):
         feats = net(images)  # (B', D)
     return feats.float().cpu().numpy().astype(dtype, copy=False)
+
+
+def _refuse_failed_rows(plan: ExtractPlan, writer: cache.CacheWriter) -> None:
+    """strict_error for the first row an earlier, interrupted run committed as unreadable (if any)."""
+    for _, row_path, reason in _skipped_rows(plan, writer, {}):
+        raise strict_error(plan.index.root / row_path, reason)
 
 
 def _skipped_rows(plan: ExtractPlan, writer: cache.CacheWriter,

@@ -216,7 +216,8 @@ def _scan(config: FinetuneConfig, group: distributed.Solo, *, stored_fingerprint
     """(the readable dataset, its unreadable images, the fingerprint of every file); UserError for unusable data."""
     root = resolve_data_root(config.data.root, cache_dir=config.cache_dir)
     index = scan_data(root, config.data)
-    fingerprint = index.fingerprint()  # of every file, readable or not: what extract's cache key covers
+    # of every file, readable or not: what extract's cache key covers
+    fingerprint = index.fingerprint(content=config.data.verify_content)
     if stored_fingerprint is not None and stored_fingerprint != fingerprint:
         raise UserError(f"The dataset {root} changed since {run_dir} started (files added, removed or edited); "
                         "resuming would mix two datasets: start a new run without --resume.")

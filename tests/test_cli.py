@@ -148,7 +148,7 @@ def _option_defaults(command: str, sources) -> dict[str, tuple]:
     return out
 
 
-DATA = ["val_fraction", "test_fraction", "split_seed", "group_by"]
+DATA = ["val_fraction", "test_fraction", "split_seed", "group_by", "verify_content"]
 TRAIN = ["epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "scheduler", "seed",
          "runs_dir"]
 OPTION_SOURCES = {  # command: (config sources, the options that must be found in them)

@@ -378,7 +378,7 @@ def test_plain_h5py_reads_the_documented_layout(data, tmp_path):
                      "class_names", "dataset_root", "dataset_fingerprint", "dtype", "versions", "created",
                      "complete"):
             assert name in attrs, name
-        assert attrs["format_version"] == 1 and bool(attrs["complete"]) is True
+        assert attrs["format_version"] == 2 and bool(attrs["complete"]) is True
         assert re.fullmatch(r"[0-9a-f]{64}", attrs["key"]) and path.name == f"resnet18-none-{attrs['key'][:12]}.h5"
         assert attrs["model"] == "resnet18" and attrs["weights"] == "none" and attrs["weights_sha256"] == ""
         assert attrs["feature_dim"] == D and attrs["dtype"] == "float32"
@@ -393,7 +393,7 @@ def test_plain_h5py_reads_the_documented_layout(data, tmp_path):
         assert list(f) == list(SPLITS)
         for split in SPLITS:
             g = f[split]
-            assert set(g) == {"features", "labels", "paths", "done"}
+            assert set(g) == {"features", "labels", "paths", "done", "checksums"}
             assert g["features"].shape == (N[split], D) and g["features"].dtype == np.float32
             assert g["features"].chunks is not None and g["features"].chunks[1] == D  # chunked by rows
             assert g["labels"].shape == (N[split],) and g["labels"].dtype == np.int64
@@ -407,7 +407,7 @@ def test_plain_h5py_reads_the_documented_layout(data, tmp_path):
 def test_the_cache_records_its_extraction_outside_the_key(data, tmp_path, monkeypatch):
     fingerprints = []
     fingerprint = DatasetIndex.fingerprint
-    monkeypatch.setattr(DatasetIndex, "fingerprint", lambda index: fingerprints.append(1) or fingerprint(index))
+    monkeypatch.setattr(DatasetIndex, "fingerprint", lambda index, **kw: fingerprints.append(1) or fingerprint(index, **kw))
     config = ExtractConfig(model="resnet18", data=DataConfig(root=str(data)), weights="none", image_size=32,
                            batch_size=8, num_workers=0, cache_dir=str(tmp_path / "cache"))
     plan = plan_extraction(config)

@@ -191,7 +191,7 @@ def test_unreadable_images_are_skipped_listed_never_padded_and_survive_a_resume(
         assert all(np.array_equal(a, b) for a, b in zip(got[split], uninterrupted[split]))
     assert cache.verify_cache(final) == []
     with h5py.File(final, "r") as f:  # the documented layout, nothing else
-        assert all(set(f[s]) == {"features", "labels", "paths", "done"} for s in SPLITS)
+        assert all(set(f[s]) == {"features", "labels", "paths", "done", "checksums"} for s in SPLITS)
         assert [tuple(r) for r in json.loads(f.attrs["skipped"])] == [tuple(r) for r in _csv_rows(csv_path)[1:]]
     # the resumed run measured its own work: the 32 - 5 readable images the interrupted run had not committed
     assert cache.read_meta(final)["extraction"]["images"] == 27
@@ -274,7 +274,8 @@ cli(sys.argv[2:], prog_name="featcache")
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point, dataset", [("before_first_commit", "clean"), ("before_rename", "clean"),
-                                            ("after_rename", "clean"), ("before_rename", "broken")])
+                                            ("after_rename", "clean"), ("before_rename", "broken"),
+                                            ("after_rename", "broken")])  # leaves the full-size .h5.partial
 def test_sigkill_at_each_step_never_leaves_a_partial_under_the_final_name(point, dataset, request, tmp_path):
     data = request.getfixturevalue(dataset)
     if dataset == "broken":  # the rename of the copy without the unreadable rows

@@ -15,7 +15,7 @@ The file format and its write protocol are described in layout.py and writer.py.
 
 from featcache.cache.inventory import list_caches, verify_cache
 from featcache.cache.layout import (FORMAT_VERSION, LOCK_SUFFIX, PARTIAL_SUFFIX, REQUIRED_ATTRS, cache_key,
-                                    cache_path, failures_path, lock_path, missing_rows_error, non_finite_error,
+                                    cache_path, compact_path, failures_path, lock_path, missing_rows_error, non_finite_error,
                                     non_finite_rows, partial_path, unreadable_cache_error)
 from featcache.cache.load import load_features, load_paths, load_splits, open_cache, read_meta
 from featcache.cache.lock import LOCK_GRACE_S, lock_holder, missing_cache_error, write_lock
@@ -29,7 +29,7 @@ __all__ = [
     "SPLITS", "FORMAT_VERSION", "PARTIAL_SUFFIX", "LOCK_SUFFIX", "REQUIRED_ATTRS", "LOCK_GRACE_S",
     "CacheError", "LockedError", "NoSpaceError",
     # layout
-    "cache_key", "cache_path", "partial_path", "lock_path", "failures_path",
+    "cache_key", "cache_path", "compact_path", "partial_path", "lock_path", "failures_path",
     "unreadable_cache_error", "missing_rows_error", "non_finite_error", "non_finite_rows",
     # lock
     "write_lock", "lock_holder", "missing_cache_error",

@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import h5py
+import numpy as np
 
-from featcache.cache.layout import LOCK_SUFFIX, PARTIAL_SUFFIX, REQUIRED_ATTRS, decode_attrs, non_finite_rows
+from featcache.cache.layout import (LOCK_SUFFIX, PARTIAL_SUFFIX, REQUIRED_ATTRS, check_labels, check_rows, decode_attrs,
+                                    non_finite_rows, stored_checksums)
 from featcache.cache.load import open_cache
 from featcache.errors import CacheError
 
@@ -43,6 +45,7 @@ def verify_cache(path: str | Path) -> list[str]:
                     continue
                 if not done.all():
                     problems.append(f"{split}: {int((~done).sum())} of {n} rows not written")
+                problems += _checksum_problems(path, split, g, features, labels)
                 if n and (labels.min() < 0 or labels.max() >= n_classes):
                     problems.append(f"{split}: labels outside 0..{n_classes - 1}")
                 bad_rows = non_finite_rows(features)
@@ -50,6 +53,22 @@ def verify_cache(path: str | Path) -> list[str]:
                     problems.append(f"{split}: {bad_rows} of {n} rows hold NaN or inf features")
     except CacheError as exc:
         return [str(exc)]
+    return problems
+
+
+def _checksum_problems(path: Path, split: str, g: h5py.Group, features, labels) -> list[str]:
+    """The checksum mismatches of one split (features (N, D), labels (N,)), or that it carries none (format 1)."""
+    sums, labels_sum = stored_checksums(g)
+    if sums is None:
+        return [f"{split}: carries no checksums (format 1, written before featcache stored them), so damaged "
+                "values cannot be detected; run featcache extract again to get a checked cache"]
+    problems = []
+    for check in (lambda: check_labels(path, split, labels, labels_sum),
+                  lambda: check_rows(path, split, features, np.arange(len(features)), sums)):
+        try:
+            check()
+        except CacheError as exc:
+            problems.append(str(exc))
     return problems
 
 
@@ -68,7 +87,8 @@ def list_caches(cache_dir: str | Path) -> list[dict]:
                 row.update(model=meta.get("model"), weights=meta.get("weights"), dtype=meta.get("dtype"),
                            feature_dim=meta.get("feature_dim"), key=meta.get("key"),
                            dataset_root=meta.get("dataset_root"), dataset_fingerprint=meta.get("dataset_fingerprint"),
-                           split_rule=meta.get("split_rule"))  # what extract.dataset_changed compares
+                           split_rule=meta.get("split_rule"),  # what extract.dataset_changed compares
+                           key_mode=meta.get("key_mode", "stat"))  # stat: size+mtime; content: file bytes
                 for split in f:
                     done = f[split]["done"][...]
                     row["splits"][split] = {"n": int(len(done)), "done": int(done.sum())}

@@ -4,11 +4,18 @@ Layout of one cache file (see README "The cache file"):
 
     / attrs: format_version, key, model, weights, weights_sha256, transform (json), feature_dim,
              class_names (json), dataset_root, dataset_name, dataset_fingerprint, split_rule (json),
-             dtype, versions (json), created, complete, skipped (json), extraction (json)
+             dtype, versions (json), created, complete, skipped (json), extraction (json),
+             key_mode ("stat": the fingerprint covers size+mtime; "content": each file's sha256)
     /<split>/features  (N, D) float16|float32, chunked by rows, allocated up front
     /<split>/labels    (N,) int64
     /<split>/paths     (N,) utf-8 strings, relative to the dataset root
     /<split>/done      (N,) bool: rows whose features are written (what resume trusts)
+    /<split>/checksums (N,) uint32: crc32 of each row's feature bytes, written with the row (format 2)
+    /<split>/labels attrs: crc32 of the labels' int64 little-endian bytes (format 2)
+
+Every reader checks the checksums of what it reads before handing it on (`check_rows`,
+`check_labels`); a mismatch is a CacheError naming the file, split and rows. Format 1 files
+(before checksums) are read unchecked; `cache verify` says so.
 
 `extraction` is the measurement of the run that finished the file (images, seconds, images_per_s,
 device, batch_size, num_workers, processes); like `created` it describes the run, not the
@@ -20,15 +27,17 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import zlib
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import h5py
 import numpy as np
 
-from featcache.errors import CacheError
+from featcache.errors import CacheError, UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # format 1: written before checksums, read unchecked
 PARTIAL_SUFFIX = ".partial"
 LOCK_SUFFIX = ".lock"
 REQUIRED_ATTRS = (
@@ -76,6 +85,11 @@ def partial_path(final: Path) -> Path:
     return final.with_name(final.name + PARTIAL_SUFFIX)
 
 
+def compact_path(final: Path) -> Path:
+    """`<final>.compact.partial`: the copy of a partial file without its unreadable rows, renamed into place."""
+    return final.with_name(final.name + ".compact" + PARTIAL_SUFFIX)
+
+
 def lock_path(final: Path) -> Path:
     """`<final>.lock`: the file whose flock a writer of `final` holds."""
     return final.with_name(final.name + LOCK_SUFFIX)
@@ -84,6 +98,33 @@ def lock_path(final: Path) -> Path:
 def failures_path(final: Path) -> Path:
     """`<cache stem>.failures.csv` beside the cache: the images extraction could not read (split, path, reason)."""
     return final.with_name(final.stem + ".failures.csv")
+
+
+def symlink_error(path: Path) -> CacheError:
+    """The error for a lock or partial file that is a symbolic link (never followed: it could point anywhere)."""
+    return CacheError(f"{path} is a symbolic link; remove it and run the same command again.")
+
+
+def refuse_symlink(path: Path) -> None:
+    """Raise symlink_error if `path` is a symbolic link (dangling or not); h5py would write at its target."""
+    if path.is_symlink():
+        raise symlink_error(path)
+
+
+def folder_error(folder: Path, exc: OSError) -> UserError:
+    """The error for a cache folder featcache cannot write in (read-only, no permission)."""
+    return UserError(f"cannot write in {folder} ({exc.strerror or exc.__class__.__name__}); choose a writable "
+                     "--cache-dir or fix its permissions.")
+
+
+def encode_paths(paths: Sequence[str]) -> list[bytes]:
+    """Image paths as stored in /<split>/paths: UTF-8, a file name's undecodable bytes kept as they are on disk."""
+    return [p.encode("utf-8", "surrogateescape") for p in paths]
+
+
+def decode_path(stored: bytes | str) -> str:
+    """A stored path back as the str os functions take (undecodable bytes as surrogates, like os.fsdecode)."""
+    return stored.decode("utf-8", "surrogateescape") if isinstance(stored, bytes) else stored
 
 
 def encode_attr(name: str, value):
@@ -133,3 +174,55 @@ def non_finite_error(path: str | Path, split: str, bad_rows: int, rows: int) -> 
 def non_finite_rows(features: np.ndarray) -> int:
     """Rows of a (N, D) array with a NaN or inf."""
     return int((~np.isfinite(features)).any(axis=1).sum()) if features.size else 0
+
+
+# --------------------------------------------------------------------------- checksums (format 2)
+
+
+def row_checksums(features: np.ndarray) -> np.ndarray:
+    """(N,) uint32: the crc32 of each row's bytes of a (N, D) float16|float32 array."""
+    rows = np.ascontiguousarray(features)
+    return np.fromiter((zlib.crc32(row) for row in rows), dtype=np.uint32, count=len(rows))
+
+
+def labels_checksum(labels: np.ndarray) -> int:
+    """The crc32 of (N,) labels as int64 little-endian bytes."""
+    return zlib.crc32(np.ascontiguousarray(labels, dtype="<i8"))
+
+
+def damaged_error(path: str | Path, split: str, what: str) -> CacheError:
+    """The error for a cache whose stored bytes differ from what was written (`what`: e.g. "features rows 3-9")."""
+    return CacheError(f"{path} is damaged (checksum mismatch in {split}/{what}); delete it and run featcache "
+                      "extract again.")
+
+
+def check_rows(path: str | Path, split: str, features: np.ndarray, rows: np.ndarray,
+               checksums: np.ndarray | None) -> None:
+    """Raise damaged_error unless every row of `features` (M, D) matches its stored checksum.
+
+    `rows` (M,) are the row numbers of `features`; `checksums` (N,) uint32 the split's stored ones
+    (None for a format 1 file: nothing to check). Rows with NaN or inf are not reported here: every
+    reader refuses them with non_finite_error.
+    """
+    if checksums is None or not len(features):
+        return
+    # a row holding NaN or inf is left to the non-finite check every reader makes (its own message, counts whole
+    # splits); any other difference is damage
+    rows = np.asarray(rows)
+    bad = np.flatnonzero(row_checksums(features) != checksums[rows])
+    bad = rows[bad[np.isfinite(features[bad]).all(axis=1)]] if bad.size else bad
+    if bad.size:
+        raise damaged_error(path, split, f"features rows {int(bad.min())}-{int(bad.max())}")
+
+
+def check_labels(path: str | Path, split: str, labels: np.ndarray, stored: int | None) -> None:
+    """Raise damaged_error unless (N,) `labels` match their stored checksum (None: a format 1 file)."""
+    if stored is not None and labels_checksum(labels) != int(stored):
+        raise damaged_error(path, split, "labels")
+
+
+def stored_checksums(group: h5py.Group) -> tuple[np.ndarray | None, int | None]:
+    """A split group's ((N,) uint32 row checksums, labels checksum); (None, None) in a format 1 file."""
+    if "checksums" not in group:
+        return None, None
+    return group["checksums"][...], group["labels"].attrs.get("crc32")

@@ -13,8 +13,9 @@ from typing import Iterator, Sequence
 import h5py
 import numpy as np
 
-from featcache.cache.layout import (FORMAT_VERSION, PARTIAL_SUFFIX, decode_attrs, missing_rows_error,
-                                    non_finite_error, non_finite_rows, unreadable_cache_error)
+from featcache.cache.layout import (PARTIAL_SUFFIX, READABLE_VERSIONS, check_labels, check_rows, decode_attrs,
+                                    decode_path, missing_rows_error, non_finite_error, non_finite_rows, stored_checksums,
+                                    unreadable_cache_error)
 from featcache.cache.lock import missing_cache_error
 from featcache.config import SPLITS
 from featcache.errors import CacheError
@@ -32,12 +33,35 @@ def open_complete(path: str | Path) -> h5py.File:
         f = h5py.File(path, "r")
     except Exception:
         raise unreadable_cache_error(path) from None
-    if f.attrs.get("format_version") != FORMAT_VERSION or not f.attrs.get("complete", False):
-        version = f.attrs.get("format_version")
+    try:
+        if f.attrs.get("format_version") not in READABLE_VERSIONS or not f.attrs.get("complete", False):
+            raise CacheError(f"{path} is not a complete featcache cache (format {f.attrs.get('format_version')}); "
+                             "delete it and run featcache extract again.")
+        _check_layout(f, path)
+    except BaseException:
         f.close()
-        raise CacheError(f"{path} is not a complete featcache cache (format {version}); "
-                         "delete it and run featcache extract again.")
+        raise
     return f
+
+
+def _check_layout(f: h5py.File, path: str | Path) -> None:
+    """CacheError (one sentence) unless the attributes decode and every split has (N, D) features, (N,) labels
+    and (N,) done."""
+    try:
+        meta = decode_attrs(f.attrs)
+    except Exception as exc:  # noqa: BLE001 - a damaged attribute, whatever h5py or json says
+        raise CacheError(f"{path} has damaged attributes ({exc.__class__.__name__}); delete it and run "
+                         "featcache extract again.") from None
+    dim = meta.get("feature_dim")
+    for split in f:
+        g = f[split]
+        shapes = {d: g[d].shape if isinstance(g, h5py.Group) and isinstance(g.get(d), h5py.Dataset) else None
+                  for d in ("features", "labels", "done")}
+        n = shapes["labels"][0] if shapes["labels"] and len(shapes["labels"]) == 1 else None
+        if n is None or shapes["features"] != (n, dim) or shapes["done"] != (n,):
+            raise CacheError(f"{path} has a damaged split {split} (features {shapes['features']}, labels "
+                             f"{shapes['labels']}, done {shapes['done']}, D={dim}); delete it and run featcache "
+                             "extract again.")
 
 
 @contextmanager
@@ -103,6 +127,7 @@ def _read_split(f: h5py.File, path: str | Path, split: str, meta: dict) -> tuple
         features = g["features"][...]  # (N, D) float16|float32
         labels = g["labels"][...].astype(np.int64)  # (N,)
         done = g["done"][...]
+        sums, labels_sum = stored_checksums(g)
     except Exception:
         raise unreadable_cache_error(path) from None
     if not done.all():
@@ -110,10 +135,12 @@ def _read_split(f: h5py.File, path: str | Path, split: str, meta: dict) -> tuple
     bad_rows = non_finite_rows(features)
     if bad_rows:
         raise non_finite_error(path, split, bad_rows, len(features))
+    check_labels(path, split, labels, labels_sum)
+    check_rows(path, split, features, np.arange(len(features)), sums)
     return features, labels
 
 
 def load_paths(path: str | Path, split: str) -> list[str]:
     """The image paths (relative to the dataset root) of one split, in row order."""
     with open_cache(path) as f:
-        return [p.decode() if isinstance(p, bytes) else p for p in f[split]["paths"][...]]
+        return [decode_path(p) for p in f[split]["paths"][...]]

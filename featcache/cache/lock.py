@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
@@ -10,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from featcache.cache.layout import lock_path, partial_path, timestamp
+from featcache.cache.layout import folder_error, lock_path, partial_path, symlink_error, timestamp
 from featcache.errors import CacheError, LockedError
 
 LOCK_GRACE_S = 1.0  # a held lock is retried this long before it counts as held (a killed run's workers let go)
@@ -20,8 +21,15 @@ LOCK_GRACE_S = 1.0  # a held lock is retried this long before it counts as held 
 def write_lock(final: Path, *, wait: bool = False) -> Iterator[None]:
     """Hold the writer lock of `final` (flock: released by the kernel even on SIGKILL)."""
     path = lock_path(final)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # a planted symlink is never truncated
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise symlink_error(path) from None
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise folder_error(path.parent, exc) from None
+        raise
     try:
         if not _flock_within(fd, LOCK_GRACE_S):
             holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
@@ -58,8 +66,8 @@ def lock_holder(final: Path) -> str | None:
     still hold its lock until they die with it.
     """
     try:
-        fd = os.open(lock_path(Path(final)), os.O_RDONLY)
-    except FileNotFoundError:
+        fd = os.open(lock_path(Path(final)), os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:  # none, or a symlink no writer would take (write_lock refuses it)
         return None
     deadline = time.monotonic() + LOCK_GRACE_S
     try:

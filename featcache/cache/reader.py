@@ -9,7 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from featcache.cache.layout import missing_rows_error, unreadable_cache_error
+from featcache.cache.layout import check_labels, check_rows, missing_rows_error, stored_checksums, unreadable_cache_error
 from featcache.cache.load import meta_of, open_complete
 from featcache.errors import CacheError
 
@@ -35,8 +35,10 @@ class FeatureReader:
     that lie next to each other in the file in one call (reading through the gaps between nearby
     rows was up to 5x slower here with the page cache cold), up to _READ_THREADS calls in flight for a
     large take. A dataset stored with HDF5 filters (another tool's compressed copy) goes through
-    h5py's indexing: the same values, slower. Thread-safe: featcache.stream reads the next block
-    in a thread while the head trains on this one.
+    h5py's indexing: the same values, slower. Every row read is checked against its stored crc32
+    before it is returned (a format 2 file; a mismatch is a CacheError naming the rows), the labels
+    when the file is opened. Thread-safe: featcache.stream reads the next block in a thread while
+    the head trains on this one.
     """
 
     def __init__(self, path: str | Path):
@@ -52,6 +54,8 @@ class FeatureReader:
         try:
             self._datasets = {s: self._file[s]["features"] for s in self.meta["splits"]}
             self._labels = {s: self._file[s]["labels"][...].astype(np.int64) for s in self._datasets}
+            stored = {s: stored_checksums(self._file[s]) for s in self._datasets}
+            self._sums = {s: sums for s, (sums, _) in stored.items()}  # (N,) uint32 each, or None (format 1)
             done = {s: bool(self._file[s]["done"][...].all()) for s in self._datasets}
             self._chunks = {s: _chunk_offsets(ds) for s, ds in self._datasets.items()}
             for split, ds in self._datasets.items():  # the byte offsets must read what h5py reads
@@ -65,6 +69,12 @@ class FeatureReader:
         if missing:
             self.close()
             raise missing_rows_error(self.path, missing[0])
+        try:
+            for split, (_, labels_sum) in stored.items():
+                check_labels(self.path, split, self._labels[split], labels_sum)
+        except CacheError:
+            self.close()
+            raise
 
     def __enter__(self) -> "FeatureReader":
         return self
@@ -99,9 +109,11 @@ class FeatureReader:
         if self._chunks[split] is not None or not 0 <= start <= stop <= self.rows(split):
             return self.take(split, np.arange(start, stop, dtype=np.int64))
         try:  # h5py reads a slice far faster than the same rows as a list
-            return self._datasets[split][start:stop]
+            out = self._datasets[split][start:stop]
         except (OSError, ValueError):
             raise unreadable_cache_error(self.path) from None
+        check_rows(self.path, split, out, np.arange(start, stop), self._sums[split])
+        return out
 
     def take(self, split: str, rows: np.ndarray) -> np.ndarray:
         """The features (len(rows), D) of the given rows, in that order, in the file's dtype."""
@@ -110,11 +122,14 @@ class FeatureReader:
             raise IndexError(f"rows outside 0..{self.rows(split) - 1} of {split}")
         try:
             if self._chunks[split] is not None:
-                return self._pread(split, rows)
-            if not rows.size:
+                out = self._pread(split, rows)
+            elif not rows.size:
                 return np.empty((0, self.feature_dim), dtype=self._datasets[split].dtype)
-            unique, inverse = np.unique(rows, return_inverse=True)  # h5py wants increasing, unique rows
-            return self._datasets[split][unique][inverse]
+            else:
+                unique, inverse = np.unique(rows, return_inverse=True)  # h5py wants increasing, unique rows
+                out = self._datasets[split][unique][inverse]
+            check_rows(self.path, split, out, rows, self._sums[split])  # before anything trains on it
+            return out
         except CacheError:
             raise
         except (OSError, ValueError):

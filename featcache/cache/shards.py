@@ -17,7 +17,8 @@ from typing import Callable, Mapping, Sequence
 import h5py
 import numpy as np
 
-from featcache.cache.layout import PARTIAL_SUFFIX, decode_attrs, partial_path
+from featcache.cache.layout import (PARTIAL_SUFFIX, check_rows, decode_attrs, decode_path, partial_path,
+                                    stored_checksums)
 from featcache.cache.writer import COPY_ROWS, CacheWriter, SplitRows
 
 
@@ -162,16 +163,19 @@ def merge_shards(final: Path, *, shards: Sequence[Path], meta: Mapping, feature_
                 shard_skipped = decode_attrs(f.attrs).get("skipped") or []
                 for split in splits:
                     g = f[split]
-                    kept = np.array([row_of[split][p.decode() if isinstance(p, bytes) else p]
+                    kept = np.array([row_of[split][decode_path(p)]
                                      for p in g["paths"][...]], dtype=np.int64)  # (M,) rows with features
                     failed = np.array(sorted(row_of[split][p] for s, p, _ in shard_skipped if s == split),
                                       dtype=np.int64)
                     rows = np.sort(np.concatenate([kept, failed]))  # the rows of the shard's batches
+                    sums = stored_checksums(g)[0]  # (M,) uint32
                     covered[split][rows] += 1
                     for run in _runs(rows, COPY_ROWS):  # a batch, or a block of consecutive batches
                         a, b = int(run[0]), int(run[-1]) + 1
                         k0, k1 = np.searchsorted(kept, [a, b])
-                        writer.write(split, a, g["features"][int(k0):int(k1)],
+                        block = g["features"][int(k0):int(k1)]  # (M', D) checked against the shard's sums
+                        check_rows(shard, split, block, np.arange(int(k0), int(k1)), sums)
+                        writer.write(split, a, block,
                                      failed=failed[(failed >= a) & (failed < b)].tolist())
         for split, counts in covered.items():
             if not (counts == 1).all():

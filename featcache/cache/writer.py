@@ -22,7 +22,8 @@ from typing import Mapping, Sequence
 import h5py
 import numpy as np
 
-from featcache.cache.layout import FORMAT_VERSION, PARTIAL_SUFFIX, encode_attr, partial_path, timestamp
+from featcache.cache.layout import (FORMAT_VERSION, compact_path, encode_attr, encode_paths, labels_checksum,
+                                    partial_path, refuse_symlink, row_checksums, timestamp)
 from featcache.errors import NoSpaceError, out_of_space
 from featcache.files import fsync_dir
 
@@ -53,6 +54,7 @@ class CacheWriter:
         self._file = self._open_or_create(meta=meta, feature_dim=feature_dim, dtype=dtype, splits=splits)
 
     def _open_or_create(self, *, meta, feature_dim, dtype, splits) -> h5py.File:
+        refuse_symlink(self.partial)  # h5py follows links: a planted one would be written at its target
         if self.partial.exists():
             try:
                 f = h5py.File(self.partial, "r+", locking=False)  # our flock guards writers
@@ -97,8 +99,10 @@ class CacheWriter:
             g = f.create_group(split)
             _create_allocated(g, "features", (n, feature_dim), np.dtype(dtype),
                               chunk_rows=min(ROWS_PER_CHUNK, max(n, 1)))
-            g.create_dataset("labels", data=np.asarray(rows.labels, dtype=np.int64))
-            g.create_dataset("paths", data=list(rows.paths), dtype=h5py.string_dtype("utf-8"))
+            labels = g.create_dataset("labels", data=np.asarray(rows.labels, dtype=np.int64))
+            labels.attrs["crc32"] = labels_checksum(labels[...])
+            g.create_dataset("paths", data=encode_paths(rows.paths), dtype=h5py.string_dtype("utf-8"))
+            _create_allocated(g, "checksums", (n,), np.dtype(np.uint32), chunk_rows=None)
             _create_allocated(g, "failed", (n,), np.dtype(bool), chunk_rows=None)
             _create_allocated(g, "done", (n,), np.dtype(bool), chunk_rows=None)
         f.flush()
@@ -121,6 +125,8 @@ class CacheWriter:
         stop = start + len(features) + len(failed)
         bad = np.zeros(stop - start, dtype=bool)
         bad[np.asarray(failed, dtype=np.int64) - start] = True
+        crc = np.zeros(stop - start, dtype=np.uint32)
+        crc[~bad] = row_checksums(features)  # (B,) written with the rows, before `done`
         try:
             if not bad.any():
                 g["features"][start:stop] = features
@@ -132,6 +138,8 @@ class CacheWriter:
                     g["features"][start + run[0]:start + run[-1] + 1] = features[first:first + len(run)]
                 self._file.flush()
                 g["failed"][start:stop] = bad
+            if "checksums" in g:
+                g["checksums"][start:stop] = crc
             self._file.flush()
             g["done"][start:stop] = True
             self._file.flush()
@@ -184,7 +192,8 @@ class CacheWriter:
     def _copy_without_failed(self, closing: Mapping) -> Path:
         """Write `<final>.compact.partial`: the partial file's attributes, then `closing`'s, and its readable rows."""
         src = self._file
-        out = self.final.with_name(self.final.name + ".compact" + PARTIAL_SUFFIX)
+        out = compact_path(self.final)
+        refuse_symlink(out)
         try:
             with h5py.File(out, "w", track_order=True, locking=False) as dst:
                 for name, value in src.attrs.items():
@@ -201,7 +210,9 @@ class CacheWriter:
                         rows = keep[a:a + COPY_ROWS]
                         block = g["features"][int(rows[0]):int(rows[-1]) + 1]  # contiguous read, then select
                         h["features"][a:a + len(rows)] = block[rows - rows[0]]
-                    h.create_dataset("labels", data=g["labels"][...][keep])
+                    labels = h.create_dataset("labels", data=g["labels"][...][keep])
+                    labels.attrs["crc32"] = labels_checksum(labels[...])
+                    h.create_dataset("checksums", data=g["checksums"][...][keep])
                     h.create_dataset("paths", data=g["paths"][...][keep], dtype=h5py.string_dtype("utf-8"))
                     h.create_dataset("done", data=np.ones(n, dtype=bool))
                 dst.attrs["complete"] = True
