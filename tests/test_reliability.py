@@ -523,7 +523,7 @@ def test_a_full_disk_is_a_clear_error_and_loses_nothing(small_disk, clean):
     assert re.search(rf"Out of disk space writing {re.escape(str(run_dir))}/(best|last)\.pt \(.+\); "
                      rf"{re.escape(str(run_dir / 'last.pt'))} \(epoch 1\) is intact; free space in .* and continue "
                      rf"with the same command plus --resume {re.escape(str(run_dir))}\.", error), error
-    assert torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["epoch"] == 1
+    assert torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)["epoch"] == 1
     assert sorted(p.name for p in run_dir.iterdir()) == ["best.pt", "finetune.json", "last.pt"]  # no temporary file
     resumed = _invoke(*ft, "--resume", run_dir)
     assert resumed.exit_code == 0 and "continuing after epoch 1 of 2" in resumed.output, resumed.output
@@ -554,7 +554,7 @@ def test_sigterm_stops_at_a_batch_boundary_and_resume_refuses_other_settings(cle
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert error == (f"Error: Stopped by SIGTERM in epoch 2 of 3; {run_dir / 'last.pt'} (epoch 1) is intact; continue "
                      f"with the same command plus --resume {run_dir}.")
-    last = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
+    last = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
     assert last["epoch"] == 1 and len(last["history"]) == 1 and not (run_dir / "metrics.json").exists()
     files = {p.name: _sha256(p) for p in run_dir.iterdir()}
 
