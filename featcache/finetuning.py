@@ -208,14 +208,17 @@ def _load_run_config(run_dir: Path) -> tuple[FinetuneConfig, TrainConfig, str | 
 def _typed_fields(cls, values: dict, *, nested: dict | None = None) -> dict:
     """The fields of dataclass `cls` from a JSON object, each of its declared type (nested ones left out).
 
-    TypeError for a missing, extra or mistyped field: a stored run is read back as data, never trusted.
+    TypeError for a missing required field, an unknown or a mistyped one: a stored run is read back as data,
+    never trusted. A field with a default may be missing (a run written before the field existed).
     """
     nested = nested or {}
     names = [f.name for f in dataclasses.fields(cls)]
-    if not isinstance(values, dict) or sorted(values) != sorted(names):
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if not isinstance(values, dict) or not set(required) <= set(values) <= set(names):
         raise TypeError(f"the fields of {cls.__name__} are not {', '.join(names)}")
     hints = typing.get_type_hints(cls)
-    for name in names:
+    for name in values:
         if name not in nested and not _of_type(values[name], hints[name]):
             hint = hints[name]
             raise TypeError(f"{name} is {values[name]!r}, not {getattr(hint, '__name__', None) or hint}")

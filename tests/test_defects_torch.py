@@ -134,6 +134,7 @@ def test_resume_of_a_damaged_checkpoint_is_one_line_naming_it(damage, finished, 
     (lambda doc: doc["finetune"]["data"].update(root=["x"]), "root is ['x'], not str"),
     (lambda doc: doc["finetune"].update(evil=1), "the fields of FinetuneConfig are not"),
     (lambda doc: doc.update(finetune=[]), "the fields of FinetuneConfig are not"),
+    (lambda doc: doc["finetune"].pop("model"), "the fields of FinetuneConfig are not"),
 ])
 def test_a_damaged_finetune_json_is_refused_and_never_skips_the_dataset_check(damage, words, finished, data,
                                                                               tmp_path):
@@ -144,6 +145,16 @@ def test_a_damaged_finetune_json_is_refused_and_never_skips_the_dataset_check(da
     error = _one_error_line(_invoke(*_args(data, tmp_path / "runs"), "--resume", run_dir), 2)
     assert error.startswith(f"Error: {run_dir / 'finetune.json'} is damaged or not written by featcache ("), error
     assert words in error and error.endswith("start a new run without --resume."), error
+
+
+def test_a_finetune_json_of_an_older_featcache_without_a_defaulted_field_resumes(finished, data, tmp_path):
+    run_dir = _stopped_copy(finished, tmp_path / "run")
+    doc = json.loads((run_dir / "finetune.json").read_text())
+    del doc["finetune"]["amp"]  # a field with a default, as if the run predated it
+    (run_dir / "finetune.json").write_text(json.dumps(doc))
+    result = _invoke(*_args(data, tmp_path / "runs"), "--resume", run_dir)
+    assert result.exit_code == 0 and "continuing after epoch 1 of 1" in result.output, result.output
+    assert json.loads((run_dir / "metrics.json").read_text())["extra"]["finetune"]["amp"] is False
 
 
 def test_a_finetune_json_that_is_not_json_is_refused(finished, data, tmp_path):

@@ -604,7 +604,7 @@ def test_resume_refuses_a_dataset_changed_since_the_run_started(clean, tmp_path)
     ("finetune", ["--val-fraction", "1.5"], ["--val-fraction", "1.5 is not in the range 0<=x<1"]),
     ("finetune", ["--test-fraction", "-0.1"], ["--test-fraction", "0<=x<1"]),
     ("finetune", ["--num-workers", "-2"], ["--num-workers", "x>=-1"]),
-    ("finetune", ["--image-size", "0"], ["--image-size", "x>=1"]),
+    ("finetune", ["--image-size", "0"], ["--image-size", "0 is not in the range 1<=x<=4096"]),
     ("extract", ["--batch-size", "0"], ["--batch-size", "x>=1"]),
     ("extract", ["--val-fraction", "1.0"], ["--val-fraction", "0<=x<1"]),
     ("head-train", ["--lr", "1e-3,0"], ["--lr", "0 is not > 0"]),
