@@ -180,7 +180,8 @@ def test_sigterm_to_the_process_group_exits_143_with_one_line_then_resume_uses_t
     assert clean.exit_code == 0, clean.output
     runs_dir = tmp_path / "runs"
     args = [str(a) for a in _args(data, runs_dir, epochs=3, workers=1)]
-    proc = subprocess.Popen([str(FEATCACHE), *args], start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([str(FEATCACHE), *args], start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300
         while not (runs_dir.is_dir() and any(runs_dir.iterdir()) and _last_epoch(next(runs_dir.iterdir())) >= 1):
