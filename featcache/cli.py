@@ -32,6 +32,10 @@ WORKERS = click.IntRange(min=-1)  # -1 = auto
 POSITIVE_FLOAT = click.FloatRange(min=0, min_open=True)
 NON_NEGATIVE_FLOAT = click.FloatRange(min=0)
 FRACTION = click.FloatRange(min=0, max=1, max_open=True)
+SEED = click.IntRange(0, 2**31 - 1)  # what numpy, torch and JAX all take (a negative seed is numpy's ValueError)
+MAX_IMAGE_SIZE = 4096  # one 4096 px image is 192 MiB as float32: a larger crop cannot make a batch in memory
+IMAGE_SIZE = click.IntRange(1, MAX_IMAGE_SIZE)
+IMAGE_SIZE_LIMIT = f"At most {MAX_IMAGE_SIZE} (one image of that side is already 192 MiB as float32)."
 WEIGHTS_METAVAR = "imagenet|none|PATH"
 WORKERS_HELP = "Decode worker processes."
 WORKERS_DEFAULT = "auto: half the cores, at most 4"
@@ -154,7 +158,7 @@ def data_options(f=None, *, required: bool = True, strict: bool = True, data_hel
                       help="Fraction of train carved out as val when ROOT/val is missing (stratified)."),
         config_option(DataConfig, "test_fraction", type=FRACTION,
                       help="Fraction of train carved out as test when ROOT/test is missing (stratified)."),
-        config_option(DataConfig, "split_seed", help="Seed of the carved split."),
+        config_option(DataConfig, "split_seed", type=SEED, help="Seed of the carved split."),
         config_option(DataConfig, "group_by", metavar="REGEX", help=GROUP_BY_HELP),
         config_option(DataConfig, "verify_content", help="Key the cache by a hash of every image's bytes instead "
                       "of its size and modification time (reads every file; catches same-size, same-time swaps)."),
@@ -178,8 +182,9 @@ def _weights_option(source, help: str):
 
 
 def _image_size_option(source):
-    return config_option(source, "image_size", type=POSITIVE_INT, metavar="N",
-                         help="Crop size fed to the network (default: the model's native size, 224).")
+    return config_option(source, "image_size", type=IMAGE_SIZE, metavar="N",
+                         help="Crop size fed to the network (default: the model's native size, 224). "
+                              + IMAGE_SIZE_LIMIT)
 
 
 def backbone_options(f):
@@ -228,7 +233,8 @@ def train_options(f, *, grid: bool = False):
                       help="L2 penalty (sgd, adam) or decoupled decay (adamw)." + lists),
         config_option(TrainConfig, "scheduler", type=click.Choice(["cosine", "none"]),
                       help="cosine: CosineAnnealingLR(T_max=epochs) stepped per epoch, to 0."),
-        config_option(TrainConfig, "seed", help="Seed of head init and batch order (the same in both modes)."),
+        config_option(TrainConfig, "seed", type=SEED,
+                      help="Seed of head init and batch order (the same in both modes)."),
         config_option(TrainConfig, "runs_dir", type=click.Path(file_okay=False),
                       help="Where run directories are written."),
     ])
@@ -299,10 +305,11 @@ def models():
 
 @cli.command("demo-data")
 @click.argument("directory", type=click.Path(file_okay=False))
-@click.option("--seed", default=0, show_default=True, help="Same seed, byte-identical files.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Same seed, byte-identical files.")
 @click.option("--classes", "num_classes", type=click.IntRange(2, 3), default=2, show_default=True,
               help="2: normal vs abnormal cells; 3: normal, elongated, clustered.")
-@click.option("--image-size", default=64, show_default=True, help="Side of the square PNG images.")
+@click.option("--image-size", default=64, show_default=True, type=IMAGE_SIZE,
+              help="Side of the square PNG images. " + IMAGE_SIZE_LIMIT)
 def demo_data(directory, seed, num_classes, image_size):
     """Write the built-in synthetic microscopy-like dataset to DIRECTORY.
 
@@ -412,7 +419,7 @@ from featcache.head_runs import DEFAULT_SOLVER, SOLVER_ALIASES, SOLVERS  # noqa:
               help="As given to extract (carved splits).")
 @click.option("--test-fraction", default=DataConfig.test_fraction, show_default=True, type=FRACTION,
               help="As given to extract (carved splits).")
-@click.option("--split-seed", default=DataConfig.split_seed, show_default=True,
+@click.option("--split-seed", default=DataConfig.split_seed, show_default=True, type=SEED,
               help="As given to extract (carved splits).")
 @click.option("--group-by", default=DataConfig.group_by, metavar="REGEX", help="As given to extract (carved splits).")
 @click.option("--verify-content", is_flag=True, help="As given to extract (a cache keyed by the files' bytes).")
@@ -594,7 +601,7 @@ def report(run_dirs, fmt, figure):
 @click.option("--permutations", default=200, show_default=True, type=click.IntRange(0),
               help="Label shuffles for the p-value (its resolution is 1 / (1 + permutations)).")
 @click.option("--top", default=5, show_default=True, help="Most foreign rows listed, each with its nearest neighbours.")
-@click.option("--seed", default=0, show_default=True, help="Seed of folds, permutations and subsampling.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of folds, permutations and subsampling.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the whole result as JSON.")
 def shift(cache_file, between, split, folds, permutations, top, seed, json_path):
@@ -622,7 +629,8 @@ def shift(cache_file, between, split, folds, permutations, top, seed, json_path)
 @config_option(run_demo, "model", type=MODEL_CHOICE)
 @config_option(run_demo, "weights", metavar=WEIGHTS_METAVAR,
                help="'none' needs no network; 'imagenet' downloads torchvision's weights once.")
-@config_option(run_demo, "image_size", type=POSITIVE_INT, help="Crop size (the demo images are 64 px).")
+@config_option(run_demo, "image_size", type=IMAGE_SIZE,
+               help="Crop size (the demo images are 64 px). " + IMAGE_SIZE_LIMIT)
 @config_option(run_demo, "epochs", type=POSITIVE_INT, help="Epochs of head-train and of the frozen loop.")
 @config_option(run_demo, "finetune_epochs", type=POSITIVE_INT, help="Epochs of the full fine-tune (slowest).")
 @config_option(run_demo, "lr", type=POSITIVE_FLOAT, help="Learning rate of all three trainings (SGD).")
@@ -652,8 +660,9 @@ QUICK_BENCH_MODELS = ("resnet18",)  # bench --quick without --models
                help="Backbones, comma-separated.")
 @config_option(BenchConfig, "data", metavar="DIR|demo", help="The images every path reads.")
 @config_option(BenchConfig, "epochs", help="Epochs of every training path.")
-@config_option(BenchConfig, "image_size", type=int, metavar="N",
-               help="Crop size fed to the networks (default: the model's native size, 224, as in the study).")
+@config_option(BenchConfig, "image_size", type=IMAGE_SIZE, metavar="N",
+               help="Crop size fed to the networks (default: the model's native size, 224, as in the study). "
+                    + IMAGE_SIZE_LIMIT)
 @config_option(BenchConfig, "batch_size", help="Training and extraction batch size.")
 @config_option(BenchConfig, "weights", metavar="none|imagenet|PATH",
                help="Backbone weights (speed does not depend on them; 'none' needs no network).")

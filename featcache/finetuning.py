@@ -15,6 +15,8 @@ import math
 import os
 import signal
 import time
+import types
+import typing
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -127,7 +129,7 @@ def _drop_unreadable(index: DatasetIndex, config: FinetuneConfig) -> tuple[Datas
     workers = config.num_workers if config.num_workers >= 0 else default_num_workers()
     loader = torch.utils.data.DataLoader(
         SkipUnreadable(ImageDataset(index.root, samples, _decoded_only)), batch_size=config.eval_batch_size,
-        num_workers=workers, collate_fn=collate_readable)
+        num_workers=workers, collate_fn=collate_readable, worker_init_fn=_worker_ignores_sigterm)
     skipped = [(splits[i], samples[i].path, reason) for _, _, failures in loader for i, reason in failures]
     if not skipped:
         return index, []
@@ -171,7 +173,8 @@ def _check_same_settings(run_dir: Path, stored: tuple, given: tuple) -> None:
                         f"options (see {run_dir / CONFIG_FILE}), or start a new run without --resume.")
 
 
-# Settings that change how a run executes, not its numbers: a resumed run may use others.
+# Settings that change how a run executes, not its numbers: a resumed run may use others (device, num_workers
+# and strict are then the resuming command's; the folders and eval_batch_size stay the run's).
 _RESUME_FREE = {"device", "num_workers", "eval_batch_size", "cache_dir", "runs_dir", "strict"}
 
 
@@ -188,10 +191,57 @@ def _load_run_config(run_dir: Path) -> tuple[FinetuneConfig, TrainConfig, str | 
     if not path.is_file():
         raise UserError(f"{run_dir} is not a featcache finetune run (no {CONFIG_FILE}); pass the run directory "
                         "that the killed finetune printed.")
-    doc = json.loads(path.read_text())
-    ft = dict(doc["finetune"])
-    ft["data"] = DataConfig(**ft["data"])
-    return FinetuneConfig(**ft), TrainConfig(**doc["train"]), doc.get("dataset_fingerprint")
+    try:
+        doc = json.loads(path.read_text())
+        ft = _typed_fields(FinetuneConfig, doc["finetune"], nested={"data": DataConfig})
+        config = FinetuneConfig(**ft, data=DataConfig(**_typed_fields(DataConfig, doc["finetune"]["data"])))
+        train = TrainConfig(**_typed_fields(TrainConfig, doc["train"]))
+        fingerprint = doc["dataset_fingerprint"]
+        if not isinstance(fingerprint, str) or not fingerprint:
+            raise TypeError("dataset_fingerprint is not a string")
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise UserError(f"{path} is damaged or not written by featcache ({_reason(exc)}), so the run cannot be checked "
+                        "against the dataset; start a new run without --resume.") from None
+    return config, train, fingerprint
+
+
+def _typed_fields(cls, values: dict, *, nested: dict | None = None) -> dict:
+    """The fields of dataclass `cls` from a JSON object, each of its declared type (nested ones left out).
+
+    TypeError for a missing required field, an unknown or a mistyped one: a stored run is read back as data,
+    never trusted. A field with a default may be missing (a run written before the field existed).
+    """
+    nested = nested or {}
+    names = [f.name for f in dataclasses.fields(cls)]
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if not isinstance(values, dict) or not set(required) <= set(values) <= set(names):
+        raise TypeError(f"the fields of {cls.__name__} are not {', '.join(names)}")
+    hints = typing.get_type_hints(cls)
+    for name in values:
+        if name not in nested and not _of_type(values[name], hints[name]):
+            hint = hints[name]
+            raise TypeError(f"{name} is {values[name]!r}, not {getattr(hint, '__name__', None) or hint}")
+    return {k: v for k, v in values.items() if k not in nested}
+
+
+def _of_type(value, hint) -> bool:
+    """Whether a JSON value is of a plain field type: bool, int, float (ints allowed), str, X | None."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_of_type(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return hint in (bool, str) and isinstance(value, hint)
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of an exception's message (a KeyError says which key)."""
+    text = f"no {exc.args[0]!r}" if isinstance(exc, KeyError) and exc.args else str(exc)
+    return (text.strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _resumed_settings(run_dir: Path, config: FinetuneConfig, train: TrainConfig, *,
@@ -199,6 +249,9 @@ def _resumed_settings(run_dir: Path, config: FinetuneConfig, train: TrainConfig,
     """The stored run's (run_dir, config, train, dataset fingerprint); UserError if the given settings differ."""
     stored, stored_train, stored_fingerprint = _load_run_config(run_dir)
     _check_same_settings(run_dir, (stored, stored_train), (config, train))
+    # how this process runs is the resuming command's: its device, decode workers and --strict
+    stored = dataclasses.replace(stored, device=config.device, num_workers=config.num_workers,
+                                 data=dataclasses.replace(stored.data, strict=config.data.strict))
     log(f"resuming {run_dir}")
     return run_dir, stored, stored_train, stored_fingerprint
 
@@ -291,9 +344,8 @@ class _Checkpoints:
         """A checkpoint of the run directory, or None; with DDP rank 0 reads it and sends it to the others."""
         path = self.run_dir / name
         if self.group.world_size == 1:
-            return torch.load(path, map_location=self.device, weights_only=False) if path.is_file() else None
-        return self.group.from_main(
-            lambda: torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None)
+            return _read_checkpoint(path, map_location=self.device)
+        return self.group.from_main(lambda: _read_checkpoint(path, map_location="cpu"))
 
     def kept(self) -> str:
         """What a stopped run leaves to resume from, as a clause."""
@@ -306,10 +358,43 @@ class _Checkpoints:
         ckpt = self.load(LAST_CKPT)
         if ckpt is None:
             return None
-        net.load_state_dict(ckpt["state_dict"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        path = self.run_dir / LAST_CKPT
+        try:
+            net.load_state_dict(ckpt["state_dict"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            history = [metrics.EpochRecord.from_dict(r) for r in ckpt["history"]]
+        except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise UserError(_BAD_CHECKPOINT.format(path=path, reason=_reason(exc))) from None
+        if len(history) != ckpt["epoch"]:
+            raise UserError(_BAD_CHECKPOINT.format(path=path, reason=f"{len(history)} epochs of history, not "
+                                                                     f"{ckpt['epoch']}"))
         self.saved_epoch = ckpt["epoch"]
-        return [metrics.EpochRecord.from_dict(r) for r in ckpt["history"]]
+        return history
+
+
+_BAD_CHECKPOINT = ("{path} is not a featcache checkpoint that loads as plain data ({reason}); "
+                   "start a new run without --resume.")
+_CHECKPOINT_KEYS = {"epoch": int, "state_dict": dict, "optimizer": dict, "history": list}
+
+
+def _read_checkpoint(path: Path, *, map_location) -> dict | None:
+    """A checkpoint loaded as data (tensors and plain types only, weights_only=True), or None if there is none.
+
+    A file that needs anything else to load (a pickled object: code would run) or lacks the keys
+    of a featcache checkpoint is a UserError naming it.
+    """
+    if not path.is_file():
+        return None
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # weights_only refusal, zip or pickle errors, EOF
+        raise UserError(_BAD_CHECKPOINT.format(path=path, reason=_reason(exc))) from None
+    if not isinstance(ckpt, dict):
+        raise UserError(_BAD_CHECKPOINT.format(path=path, reason=f"it holds a {type(ckpt).__name__}"))
+    for key, kind in _CHECKPOINT_KEYS.items():
+        if not isinstance(ckpt.get(key), kind) or isinstance(ckpt.get(key), bool):
+            raise UserError(_BAD_CHECKPOINT.format(path=path, reason=f"no {kind.__name__} {key!r}"))
+    return ckpt
 
 
 def _build_network(backbone: Backbone, plan: TrainPlan, config: FinetuneConfig, *, device: torch.device) -> nn.Module:
@@ -332,13 +417,15 @@ def _make_loaders(index: DatasetIndex, backbone: Backbone, config: FinetuneConfi
     # (_Loop._train_epoch), so augmentation and Dropout of a resumed run replay an uninterrupted one.
     train_loader = torch.utils.data.DataLoader(
         SkipUnreadable(ImageDataset(index.root, index.splits["train"], train_tf)), batch_sampler=sampler,
-        num_workers=workers, pin_memory=device.type == "cuda", collate_fn=collate_readable)
+        num_workers=workers, pin_memory=device.type == "cuda", collate_fn=collate_readable,
+        worker_init_fn=_worker_ignores_sigterm)
     eval_loaders = {
         split: torch.utils.data.DataLoader(
             # with DDP: this process's contiguous part of the split (logits() gathers them in order)
             SkipUnreadable(ImageDataset(index.root, group.local_rows(index.splits[split]), backbone.transform)),
             batch_size=config.eval_batch_size, shuffle=False, num_workers=workers,
-            persistent_workers=workers > 0, pin_memory=device.type == "cuda", collate_fn=collate_readable)
+            persistent_workers=workers > 0, pin_memory=device.type == "cuda", collate_fn=collate_readable,
+            worker_init_fn=_worker_ignores_sigterm)
         for split in ("val", "test")
     }
     return train_loader, eval_loaders
@@ -444,9 +531,12 @@ class _Loop:
     def _stop_if_asked(self, epoch: int) -> None:
         """After SIGTERM: stop at this batch boundary; the checkpoint of the last finished epoch is what resume uses."""
         if self._stop.is_set():
-            raise TerminatedError(f"Stopped by SIGTERM in epoch {epoch + 1} of {self.plan.epochs}; "
-                                  f"{self.checkpoints.kept()}; continue with the same command plus --resume "
-                                  f"{self.run_dir}.")
+            raise self._terminated(epoch)
+
+    def _terminated(self, epoch: int) -> TerminatedError:
+        return TerminatedError(f"Stopped by SIGTERM in epoch {epoch + 1} of {self.plan.epochs}; "
+                               f"{self.checkpoints.kept()}; continue with the same command plus --resume "
+                               f"{self.run_dir}.")
 
     def _state(self, epoch: int, history: list[metrics.EpochRecord]) -> dict:
         """The checkpoint after `epoch` finished epochs: network, optimizer, history and what export needs."""
@@ -480,7 +570,12 @@ class _Loop:
         # in a collective, never reaching a batch boundary): it keeps its default there.
         with _sigterm_flag(enabled=self.group.world_size == 1) as self._stop, progress_bar(progress) as bar:
             for epoch in range(len(history), self.plan.epochs):
-                record = self._epoch(epoch, bar, val_labels)
+                try:
+                    record = self._epoch(epoch, bar, val_labels)
+                except RuntimeError:  # a decode worker that SIGTERM reached before it could ignore it
+                    if self._stop.is_set():
+                        raise self._terminated(epoch) from None
+                    raise
                 diverged = metrics.divergence_reason(history, record, num_classes=self.num_classes)
                 history.append(record)
                 self.log(_epoch_line(record, self.plan.epochs))
@@ -526,7 +621,10 @@ class _Loop:
         best = self.checkpoints.load(BEST_CKPT) if scored else None
         if best is None:  # diverged in the first epoch: nothing good to score
             return np.full((len(self.index.splits["test"]), self.plan.weight.shape[0]), np.nan, np.float32)
-        self.net.load_state_dict(best["state_dict"])
+        try:
+            self.net.load_state_dict(best["state_dict"])
+        except RuntimeError as exc:
+            raise UserError(_BAD_CHECKPOINT.format(path=self.run_dir / BEST_CKPT, reason=_reason(exc))) from None
         return self.logits("test")
 
 
@@ -586,6 +684,13 @@ def _sigterm_flag(*, enabled: bool = True):
     finally:
         if installed:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _worker_ignores_sigterm(worker_id: int) -> None:
+    """DataLoader worker_init_fn: SIGTERM to the process group (Slurm, a shell's kill -- -PGID) is the main
+    process's to handle (it stops at a batch boundary and ends the workers); a worker it killed would make the
+    main process fail with the DataLoader's traceback instead."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _epoch_line(r: metrics.EpochRecord, epochs: int) -> str:

@@ -43,14 +43,29 @@ class Predictions:
 
     def to_csv(self) -> str:
         """CSV text: path, predicted, prob_<class>..., error; unreadable images last, with their reason."""
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(["path", "predicted", *(f"prob_{c}" for c in self.class_names), "error"])
+        lines = [_csv_line(["path", "predicted", *(f"prob_{c}" for c in self.class_names), "error"])]
         for r in self.rows:
-            writer.writerow([r.path, r.predicted, *(f"{p:.6f}" for p in r.probabilities), ""])
+            lines.append(_csv_line([_cell(r.path), _cell(r.predicted), *(f"{p:.6f}" for p in r.probabilities), ""]))
         for path, reason in self.failed:
-            writer.writerow([path, "", *([""] * len(self.class_names)), reason])
-        return buf.getvalue()
+            lines.append(_csv_line([_cell(path), "", *([""] * len(self.class_names)), _cell(reason)]))
+        return "".join(lines)
+
+
+# A cell a spreadsheet would run as a formula starts with one of these (OWASP, "CSV Injection").
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_line(cells: list[str]) -> str:
+    """One CSV row ending in "\\n"; a cell holding a newline or a carriage return is quoted."""
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\r\n").writerow(cells)  # csv quotes the characters of its line terminator
+    return buf.getvalue()[:-2] + "\n"
+
+
+def _cell(text: str) -> str:
+    """A text cell of the predictions CSV: a leading single quote when a spreadsheet would read it as a formula."""
+    text = str(text)
+    return "'" + text if text.startswith(_FORMULA_STARTS) else text
 
 
 def predict(model: nn.Module | str | Path, images: str | Path | Sequence[str | Path], *, batch_size: int = 64,

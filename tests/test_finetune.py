@@ -165,7 +165,7 @@ def test_frozen_loop_reports_what_extract_and_head_train_report(case, parity_run
 
 def test_frozen_loop_leaves_backbone_and_batchnorm_statistics_untouched(parity_runs):
     _, frozen = parity_runs("resnet18-2c-sgd")
-    ckpt = torch.load(frozen.run_dir / "last.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(frozen.run_dir / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == EPOCHS and ckpt["freeze_backbone"] is True
     saved = {k.removeprefix("backbone."): v for k, v in ckpt["state_dict"].items() if k.startswith("backbone.")}
     fresh = build_backbone("resnet18", weights="none", image_size=SIZE).net.state_dict()
@@ -220,7 +220,7 @@ def _kill_after_epoch(proc: subprocess.Popen, runs_dir: Path, epoch: int, timeou
                 st = ckpt.stat()
                 if (st.st_ino, st.st_mtime_ns) != seen:
                     seen = st.st_ino, st.st_mtime_ns
-                    if torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"] == epoch:
+                    if torch.load(ckpt, map_location="cpu", weights_only=True)["epoch"] == epoch:
                         proc.send_signal(signal.SIGKILL)
                         proc.wait()
                         return ckpt.parent
@@ -295,7 +295,7 @@ def test_run_killed_between_epochs_resumes_to_the_history_of_a_clean_run(mode, d
     for k in ("selected_epoch", "test_acc", "test_loss", "confusion_matrix", "best_val_loss", "train_loss"):
         assert a["summary"][k] == b["summary"][k], k
     # on CPU the parameters end bit-identical, not just close
-    sa, sb = [torch.load(d / "last.pt", map_location="cpu", weights_only=False)["state_dict"]
+    sa, sb = [torch.load(d / "last.pt", map_location="cpu", weights_only=True)["state_dict"]
               for d in (clean_dir, run_dir)]
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
@@ -317,7 +317,7 @@ def _check_full_finetune_run(run_dir: Path, doc: dict, last_state: dict) -> None
     fresh = build_backbone("resnet18", weights="none", image_size=SIZE).net.state_dict()
     for k in ("conv1.weight", "layer4.1.conv2.weight", "bn1.running_mean", "layer4.1.bn2.running_var"):
         assert not torch.equal(last_state[f"backbone.{k}"], fresh[k]), k
-    best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=False)
+    best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
     assert best["epoch"] == doc["summary"]["selected_epoch"]
     head = runs.load_head(run_dir / "head.npz")
     np.testing.assert_array_equal(head["weight"], best["state_dict"]["head.weight"].numpy())
@@ -354,7 +354,7 @@ def test_divergence_guard_stops_the_run_and_keeps_the_last_good_checkpoint(datas
     assert doc["history"][1]["train_loss"] > 1e6 * doc["history"][0]["train_loss"]
     assert doc["summary"]["selected_epoch"] == 1
 
-    last = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
+    last = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
     assert last["epoch"] == 1 and len(last["history"]) == 1
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
 

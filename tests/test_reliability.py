@@ -525,7 +525,7 @@ def test_a_full_disk_is_a_clear_error_and_loses_nothing(small_disk, clean):
     assert re.search(rf"Out of disk space writing {re.escape(str(run_dir))}/(best|last)\.pt \(.+\); "
                      rf"{re.escape(str(run_dir / 'last.pt'))} \(epoch 1\) is intact; free space in .* and continue "
                      rf"with the same command plus --resume {re.escape(str(run_dir))}\.", error), error
-    assert torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["epoch"] == 1
+    assert torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)["epoch"] == 1
     assert sorted(p.name for p in run_dir.iterdir()) == ["best.pt", "finetune.json", "last.pt"]  # no temporary file
     resumed = _invoke(*ft, "--resume", run_dir)
     assert resumed.exit_code == 0 and "continuing after epoch 1 of 2" in resumed.output, resumed.output
@@ -556,7 +556,7 @@ def test_sigterm_stops_at_a_batch_boundary_and_resume_refuses_other_settings(cle
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert error == (f"Error: Stopped by SIGTERM in epoch 2 of 3; {run_dir / 'last.pt'} (epoch 1) is intact; continue "
                      f"with the same command plus --resume {run_dir}.")
-    last = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
+    last = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
     assert last["epoch"] == 1 and len(last["history"]) == 1 and not (run_dir / "metrics.json").exists()
     files = {p.name: _sha256(p) for p in run_dir.iterdir()}
 
@@ -606,7 +606,7 @@ def test_resume_refuses_a_dataset_changed_since_the_run_started(clean, tmp_path)
     ("finetune", ["--val-fraction", "1.5"], ["--val-fraction", "1.5 is not in the range 0<=x<1"]),
     ("finetune", ["--test-fraction", "-0.1"], ["--test-fraction", "0<=x<1"]),
     ("finetune", ["--num-workers", "-2"], ["--num-workers", "x>=-1"]),
-    ("finetune", ["--image-size", "0"], ["--image-size", "x>=1"]),
+    ("finetune", ["--image-size", "0"], ["--image-size", "0 is not in the range 1<=x<=4096"]),
     ("extract", ["--batch-size", "0"], ["--batch-size", "x>=1"]),
     ("extract", ["--val-fraction", "1.0"], ["--val-fraction", "0<=x<1"]),
     ("head-train", ["--lr", "1e-3,0"], ["--lr", "0 is not > 0"]),
