@@ -41,6 +41,7 @@ from torch import nn
 from featcache import runs
 from featcache.backbones import build_backbone, get_spec, make_transform
 from featcache.errors import UserError
+from featcache.files import new_file_mode
 
 FORMATS = ("torchscript", "state-dict")
 META_FILE = "featcache.json"  # TorchScript extra file holding the metadata
@@ -171,6 +172,7 @@ def _write_checked(module: ExportedClassifier, meta: dict, out: Path, *, format:
                 f"(allowed {float(np.max(tolerance)):.3g}) on {len(inputs)} images; "
                 + _check_hint(mode)
             )
+        os.chmod(tmp, new_file_mode())  # mkstemp's 0600 -> what the umask gives any new file
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

@@ -357,3 +357,24 @@ def test_diverged_message_of_a_long_history_names_the_first_diverged_epoch(tmp_p
     message = diverged_message(Result)
     assert time.perf_counter() - t0 < 0.5
     assert message.startswith("Training diverged (loss became NaN/inf in epoch 70001); lower --lr.")
+
+
+def test_an_exported_model_and_predictions_honour_the_umask(tmp_path):
+    import featcache
+    from featcache.demo import make_demo_dataset
+
+    data = make_demo_dataset(tmp_path / "demo", num_classes=2, n_per_class=(6, 3, 3), image_size=32)
+    old = os.umask(0o027)
+    try:
+        cache = featcache.extract(model="resnet18", data=str(data), weights="none", image_size=32, num_workers=0,
+                                  cache_dir=str(tmp_path / "cache"))
+        run = featcache.train_head(cache=cache, runs_dir=str(tmp_path / "runs"), epochs=2)
+        model = tmp_path / "model.pt"
+        exported = _invoke("export", run.run_dir, "--out", model)
+        predicted = _invoke("predict", "--model-file", model, "--num-workers", 0, "--out", tmp_path / "p.csv",
+                            data / "test")
+    finally:
+        os.umask(old)
+    assert exported.exit_code == 0 and predicted.exit_code == 0, exported.output + predicted.output
+    for path in (model, tmp_path / "p.csv", run.run_dir / runs.METRICS_FILE, Path(cache)):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640, path
