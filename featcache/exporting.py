@@ -300,8 +300,8 @@ def _head_check(module: ExportedClassifier, run: runs.RunResult, meta: dict, *, 
     x = features[rows].astype(np.float64)  # (n, D)
     weight, mean, std = (head[k].astype(np.float64) for k in ("weight", "mean", "std"))
     expected = ((x - mean) / std) @ weight.T + head["bias"].astype(np.float64)  # (n, K)
-    # The folded layer computes x W'^T + b' in float32: where W' = W / std is large (a feature constant in
-    # train has std at the floor, 1e-6) its terms cancel and leave float32 rounding, relative to their size.
+    # The folded layer computes x W'^T + b' in float32: where W' = W / std is large (a feature of tiny scale in
+    # train, std ~1e-10) its terms cancel and leave float32 rounding, relative to their size.
     folded_w = module.head.weight.detach().double().numpy()  # (K, D)
     folded_b = module.head.bias.detach().double().numpy()  # (K,)
     terms = np.abs(x) @ np.abs(folded_w).T  # (n, K)
