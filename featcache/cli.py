@@ -571,7 +571,7 @@ def _raise_if_diverged(results) -> None:
 
 
 @cli.command()
-@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default=FORMATS[0], show_default=True)
 @click.option("--figure", type=click.Path(dir_okay=False), default="comparison.png", show_default=True,
               help="Val accuracy and loss curves of all runs; '' for none.")
@@ -581,6 +581,7 @@ def report(run_dirs, fmt, figure):
     \b
     Example:
       featcache report runs/*
+      featcache report runs    # every finished run in the folder; unfinished ones are skipped with a note
       featcache report runs/*-head-resnet18 runs/*-frozen-resnet18 --format markdown
     """
     from featcache.reporting import compare_runs

@@ -41,6 +41,7 @@ from torch import nn
 from featcache import runs
 from featcache.backbones import build_backbone, get_spec, make_transform
 from featcache.errors import UserError
+from featcache.files import new_file_mode
 
 FORMATS = ("torchscript", "state-dict")
 META_FILE = "featcache.json"  # TorchScript extra file holding the metadata
@@ -171,6 +172,7 @@ def _write_checked(module: ExportedClassifier, meta: dict, out: Path, *, format:
                 f"(allowed {float(np.max(tolerance)):.3g}) on {len(inputs)} images; "
                 + _check_hint(mode)
             )
+        os.chmod(tmp, new_file_mode())  # mkstemp's 0600 -> what the umask gives any new file
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -298,8 +300,8 @@ def _head_check(module: ExportedClassifier, run: runs.RunResult, meta: dict, *, 
     x = features[rows].astype(np.float64)  # (n, D)
     weight, mean, std = (head[k].astype(np.float64) for k in ("weight", "mean", "std"))
     expected = ((x - mean) / std) @ weight.T + head["bias"].astype(np.float64)  # (n, K)
-    # The folded layer computes x W'^T + b' in float32: where W' = W / std is large (a feature constant in
-    # train has std at the floor, 1e-6) its terms cancel and leave float32 rounding, relative to their size.
+    # The folded layer computes x W'^T + b' in float32: where W' = W / std is large (a feature of tiny scale in
+    # train, std ~1e-10) its terms cancel and leave float32 rounding, relative to their size.
     folded_w = module.head.weight.detach().double().numpy()  # (K, D)
     folded_b = module.head.bias.detach().double().numpy()  # (K,)
     terms = np.abs(x) @ np.abs(folded_w).T  # (n, K)

@@ -1,13 +1,47 @@
-"""Files that a reader sees whole or not at all: atomic writes and directory fsync (stdlib only)."""
+"""Files that a reader sees whole or not at all: atomic writes and directory fsync (stdlib only).
+
+Files written here get the permissions every other tool gives a new file, 0o666 less the umask (0644 under
+the usual umask 022), not mkstemp's private 0600.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from featcache.errors import NoSpaceError, out_of_space
+from featcache.errors import NoSpaceError, UserError, out_of_space
+
+NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}  # errnos of a folder that cannot be written
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc/self/status), else set and
+    restored at once."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """The mode a plain new file gets: 0o666 less the umask (what open(path, "w") gives)."""
+    return 0o666 & ~current_umask()
+
+
+def not_writable(path: str | Path, exc: OSError) -> UserError:
+    """The one-sentence UserError (exit 2) for a file that cannot be written: permission denied or a
+    read-only file system."""
+    return UserError(f"Cannot write {path} ({exc.strerror or exc}); make its folder writable or choose another "
+                     "folder.")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -18,15 +52,22 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
     """Call `write(file)` on a temporary file beside `path`, then rename it into place (atomic_write_bytes).
 
-    A full disk is a NoSpaceError naming `path`; the temporary file is removed and the old `path`,
-    if any, is left as it was.
+    The file gets `new_file_mode()` (the umask's permissions). A full disk is a NoSpaceError naming `path`,
+    a read-only or forbidden folder a UserError (`not_writable`); the temporary file is removed and the old
+    `path`, if any, is left as it was.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        if exc.errno in NOT_WRITABLE:
+            raise not_writable(path, exc) from None
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
+            os.fchmod(f.fileno(), new_file_mode())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as exc:

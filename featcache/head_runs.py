@@ -366,11 +366,11 @@ def write_head_run(*, cache: str | Path, meta: Mapping, config: TrainConfig, sum
 
 
 def divergence_reason(history: Sequence[EpochRecord], *, num_classes: int) -> str:
-    """The divergence guard's reason (metrics.divergence_reason) at the first diverged epoch of a history."""
+    """The divergence guard's reason (metrics.divergence_reason) at the first diverged epoch of a history
+    (metrics.first_divergence: one pass)."""
     from featcache import metrics
 
-    reasons = (metrics.divergence_reason(history[:i], r, num_classes=num_classes) for i, r in enumerate(history))
-    return next((r for r in reasons if r), "loss NaN/inf")
+    return metrics.first_divergence(history, num_classes=num_classes) or "loss NaN/inf"
 
 
 def diverged_message(result: RunResult) -> str:

@@ -190,24 +190,38 @@ def divergence_reason(previous: Sequence[EpochRecord], record: EpochRecord, *, n
     the chance-level loss (a blow-up, even in the first epoch); or it jumped above
     DIVERGENCE_FACTOR times the lowest train loss of the previous epochs while above chance level.
     """
+    finite = [r.train_loss for r in previous if math.isfinite(r.train_loss)]
+    return _reason(record, min(finite) if finite else None, chance_loss(num_classes))
+
+
+def _reason(record: EpochRecord, best: float | None, chance: float) -> str | None:
+    """`divergence_reason` of `record` given the lowest finite train loss before it (None: no such epoch)."""
     if not (math.isfinite(record.train_loss) and math.isfinite(record.val_loss)):
         return f"loss became NaN/inf in epoch {record.epoch}"
-    chance = chance_loss(num_classes)
     if record.train_loss > BLOWUP_FACTOR * chance:
         return (f"train loss reached {record.train_loss:.4g} in epoch {record.epoch}, "
                 f"over {BLOWUP_FACTOR:g}x the chance level {chance:.3g}")
-    finite = [r.train_loss for r in previous if math.isfinite(r.train_loss)]
-    if finite:
-        best = min(finite)
-        if record.train_loss > max(DIVERGENCE_FACTOR * best, chance):
-            return (f"train loss jumped to {record.train_loss:.4g} in epoch {record.epoch}, "
-                    f"over {DIVERGENCE_FACTOR:g}x its best {best:.4g}")
+    if best is not None and record.train_loss > max(DIVERGENCE_FACTOR * best, chance):
+        return (f"train loss jumped to {record.train_loss:.4g} in epoch {record.epoch}, "
+                f"over {DIVERGENCE_FACTOR:g}x its best {best:.4g}")
+    return None
+
+
+def first_divergence(history: Sequence[EpochRecord], *, num_classes: int) -> str | None:
+    """`divergence_reason` of the first diverged epoch of `history`, or None: one pass, the lowest train
+    loss so far carried along (linear in epochs, so 100000 epochs take milliseconds)."""
+    chance, best = chance_loss(num_classes), None
+    for record in history:
+        reason = _reason(record, best, chance)
+        if reason:
+            return reason
+        best = record.train_loss if best is None else min(best, record.train_loss)  # finite: not diverged
     return None
 
 
 def is_diverged(history: Sequence[EpochRecord], *, num_classes: int) -> bool:
     """True when some epoch of `history` diverged by `divergence_reason`."""
-    return any(divergence_reason(history[:i], r, num_classes=num_classes) for i, r in enumerate(history))
+    return first_divergence(history, num_classes=num_classes) is not None
 
 
 def select_epoch(history: Sequence[EpochRecord]) -> int:

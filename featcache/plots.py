@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
+from featcache.files import atomic_write
 from featcache.metrics import EpochRecord
 
 if TYPE_CHECKING:
@@ -23,16 +22,9 @@ def _figure(ncols: int, width: float = 11.0, height: float = 4.2):
 
 
 def _save(fig, path: str | Path) -> None:
-    """Save as PNG through a temporary file, so a half-drawn figure never has the final name."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Save as PNG through files.atomic_write: a half-drawn figure never has the final name, a full disk is
+    a NoSpaceError (exit 6) and a read-only folder a one-sentence UserError."""
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
 
 
 def plot_curves(history: Sequence[EpochRecord], path: str | Path, title: str, *, selected: int | None = None) -> Path:

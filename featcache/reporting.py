@@ -7,6 +7,7 @@ import dataclasses
 import io
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -93,17 +94,64 @@ def print_summary(run) -> None:
     console.print(f"run: {run.run_dir}  (curves: {Path(run.run_dir) / 'curves.png'})")
 
 
-def compare_runs(runs, *, format: str = "table", figure: str | Path | None = None) -> str:
+def collect_runs(paths, *, note: Callable[[str], object] | None = None) -> list:
+    """The finished runs among `paths` (RunResult objects or paths), in order, loaded (runs.load_run).
+
+    A folder that holds run directories (a --runs-dir) stands for those, in name order. A file, or a folder
+    that is an unfinished run (crashed or still running: no metrics.json), is skipped with a one-line note
+    (`note`, default stderr). A damaged metrics.json is a UserError naming it; nothing left is a UserError.
+    """
+    from featcache.errors import UserError
+    from featcache.runs import RunResult, is_finished, load_run
+
+    note = note or (lambda message: print(message, file=sys.stderr, flush=True))
+    loaded = []
+    for item in paths:
+        if isinstance(item, RunResult):
+            loaded.append(item)
+            continue
+        path = Path(item)
+        inside = sorted(p for p in path.iterdir() if p.is_dir()) if path.is_dir() and not is_finished(path) else []
+        for candidate in inside or [path]:
+            if is_finished(candidate) or not candidate.exists():
+                loaded.append(_checked(load_run(candidate)))  # a missing path: load_run's UserError
+            elif candidate.is_file():
+                note(f"Skipping {candidate}: a file, not a run directory.")
+            else:
+                note(f"Skipping {candidate}: an unfinished run (no metrics.json: still running, or stopped).")
+    if not loaded:
+        raise UserError(f"No finished runs among {', '.join(str(p) for p in paths)}; pass run directories "
+                        "(or the folder holding them) written by featcache.")
+    return loaded
+
+
+def _checked(run):
+    """`run`, after building every table of it once: a crafted or damaged extra record in its metrics.json is
+    a UserError naming the file, never a traceback."""
+    from featcache.errors import UserError
+    from featcache.runs import METRICS_FILE
+
+    try:
+        run_row(run)
+        _extra_tables(run)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise UserError(f"{Path(run.run_dir) / METRICS_FILE} is not a featcache run file (its extra record "
+                        f"is damaged: {type(e).__name__} {e}); was it edited by hand?") from None
+    return run
+
+
+def compare_runs(runs, *, format: str = "table", figure: str | Path | None = None,
+                 note: Callable[[str], object] | None = None) -> str:
     """Runs side by side as text (table, markdown, csv or json); optionally one comparison figure.
 
     Args:
-        runs: RunResult objects or run directories.
+        runs: RunResult objects, run directories, or folders of run directories (collect_runs: files and
+            unfinished runs are skipped with a note).
         format: one of FORMATS.
         figure: where to write the val accuracy/loss curves of all runs (PNG), or None.
+        note: where the notes of skipped paths go; None = stderr.
     """
-    from featcache.runs import RunResult, load_run
-
-    loaded = [r if isinstance(r, RunResult) else load_run(r) for r in runs]
+    loaded = collect_runs(runs, note=note)
     rows = [run_row(r) for r in loaded]
     if figure is not None:
         from featcache.plots import plot_comparison

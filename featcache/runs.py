@@ -18,7 +18,10 @@ import csv
 import dataclasses
 import io
 import json
+import math
+import os
 import re
+import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -28,7 +31,7 @@ import numpy as np
 
 from featcache.config import TrainConfig
 from featcache.errors import UserError
-from featcache.files import atomic_write_bytes
+from featcache.files import NOT_WRITABLE, atomic_write_bytes, not_writable
 from featcache.metrics import EpochRecord, RunSummary
 
 MODES = ("head", "finetune", "frozen")
@@ -68,12 +71,34 @@ def new_run_dir(*, runs_dir: str | Path, mode: str, model: str, name: str | None
         mode: "head" | "finetune" | "frozen".
         model: backbone name, part of the default name.
         name: the directory name; None = `<YYYYmmdd-HHMMSS>-<mode>-<model>`, with `-2`, `-3`, ...
-            appended when that exists. An explicit name that exists is a UserError.
+            appended when that exists. An explicit name that exists, or one that would leave runs_dir (a path
+            separator, "..", an absolute path), is a UserError; so is a runs_dir that cannot be written.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     parent = Path(runs_dir)
-    parent.mkdir(parents=True, exist_ok=True)
+    if name is not None:
+        check_run_name(name)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        return _make_run_dir(parent, mode=mode, model=model, name=name)
+    except OSError as exc:
+        if isinstance(exc, FileExistsError) or exc.errno not in NOT_WRITABLE:
+            raise
+        raise not_writable(parent, exc) from None
+
+
+def check_run_name(name: str) -> None:
+    """UserError unless `name` is one plain folder name (no path separator, not "." or "..", not absolute),
+    so that a run directory never lands outside --runs-dir."""
+    separators = {"/", os.sep, os.altsep} - {None}
+    if not name or name in (".", "..") or any(s in name for s in separators) or "\0" in name:
+        raise UserError(f"Run name {name!r} is not a plain folder name; choose a name without '/', '..' or a "
+                        "leading '/' (the run goes under --runs-dir).")
+
+
+def _make_run_dir(parent: Path, *, mode: str, model: str, name: str | None) -> Path:
+    """mkdir of new_run_dir's directory under `parent` (which exists)."""
     if name is not None:
         run_dir = parent / name
         try:
@@ -121,10 +146,54 @@ def save_head(path: str | Path, *, weight: np.ndarray, bias: np.ndarray, class_n
     atomic_write_bytes(path, buf.getvalue())
 
 
+HEAD_KEYS = ("weight", "bias", "class_names", "mean", "std", "standardized")
+
+
 def load_head(path: str | Path) -> dict[str, np.ndarray]:
-    """The arrays of a head.npz: weight, bias, class_names, mean, std, standardized."""
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    """The arrays of a head.npz: weight (K, D), bias (K,), class_names (C,), mean (D,), std (D,), standardized ().
+
+    A missing, unreadable, damaged or crafted file (a key missing, a wrong dtype or shape, NaN/inf, a std
+    <= 0) is a one-sentence UserError naming it; no pickled object is ever loaded.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; train the head with featcache head-train.")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            head = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, TypeError, AttributeError, KeyError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path} is not a readable head file ({type(e).__name__}); train the head again.") from None
+    problem = head_problem(head)
+    if problem:
+        raise UserError(f"{path} is not a valid head file ({problem}); train the head again.")
+    return head
+
+
+def head_problem(head: Mapping[str, np.ndarray]) -> str | None:
+    """What is wrong with the arrays of a head.npz (see load_head), or None."""
+    missing = [k for k in HEAD_KEYS if k not in head]
+    if missing:
+        return f"no {', '.join(missing)}"
+    weight, bias, names = head["weight"], head["bias"], head["class_names"]
+    floats = ("weight", "bias", "mean", "std")
+    bad = [k for k in floats if head[k].dtype.kind != "f"]
+    if bad or names.dtype.kind != "U" or head["standardized"].dtype != np.bool_:
+        return f"wrong types: {', '.join(bad) or 'class_names or standardized'}"
+    if weight.ndim != 2 or 0 in weight.shape or names.ndim != 1 or head["standardized"].shape != ():
+        return f"weight of shape {weight.shape} with {names.shape} class names"
+    k, d = weight.shape
+    if len(names) < 2 or k != (1 if len(names) == 2 else len(names)):
+        return f"{k} outputs for {len(names)} classes"
+    shapes = {"bias": (k,), "mean": (d,), "std": (d,)}
+    wrong = [f"{n} {head[n].shape} for {want}" for n, want in shapes.items() if head[n].shape != want]
+    if wrong:
+        return f"wrong shapes: {', '.join(wrong)}"
+    for n in floats:
+        if not np.isfinite(head[n]).all():
+            return f"NaN or inf in {n}" + (" (the run may have diverged)" if n in ("weight", "bias") else "")
+    if not (head["std"] > 0).all():
+        return "a std <= 0"
+    return None
 
 
 def write_history_csv(path: str | Path, history: Sequence[EpochRecord]) -> None:
@@ -178,14 +247,16 @@ def is_finished(run_dir: str | Path) -> bool:
 
 
 def load_run(run_dir: str | Path) -> RunResult:
-    """Read a finished run directory back; an unfinished or foreign one is a UserError."""
+    """Read a finished run directory back; an unfinished or foreign one is a UserError, and so is a damaged or
+    crafted metrics.json (not strict JSON, NaN/inf, a key missing, a value of the wrong type)."""
     run_dir = Path(run_dir)
     path = run_dir / METRICS_FILE
     if not path.is_file():
         what = "does not exist" if not run_dir.exists() else "is not a finished run (no metrics.json)"
         raise UserError(f"{run_dir} {what}; pass a run directory written by featcache.")
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(path.read_text(), parse_constant=_not_finite, parse_float=_finite_float)
+        _check_run_doc(doc)
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         config = TrainConfig(**{k: v for k, v in doc["config"].items() if k in known})
         return RunResult(
@@ -195,5 +266,84 @@ def load_run(run_dir: str | Path) -> RunResult:
             timings=dict(doc["timings"]), class_names=list(doc["class_names"]), cache=dict(doc.get("cache") or {}),
             versions=dict(doc.get("versions") or {}), extra=dict(doc.get("extra") or {}),
         )
+    except OSError as e:
+        raise UserError(f"{path} cannot be read ({e.strerror or e}); check its permissions.") from None
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path} is not a featcache run file ({e}); was it edited by hand?") from None
+
+
+def _not_finite(name: str):
+    raise ValueError(f"{name} where a number must be finite")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} where a number must be finite")
+    return value
+
+
+def _is_number(v, *, none: bool = True) -> bool:
+    return (v is None and none) or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def _check(ok: bool, what: str) -> None:
+    if not ok:
+        raise ValueError(what)
+
+
+def _check_run_doc(doc) -> None:
+    """ValueError naming the first field of a metrics.json document that finish_run would not have written."""
+    _check(isinstance(doc, dict), "not a JSON object")
+    _check(doc.get("mode") in MODES, "mode is not one of " + ", ".join(MODES))
+    _check(isinstance(doc.get("model"), str), "model is not a string")
+    names = doc.get("class_names")
+    _check(isinstance(names, list) and len(names) >= 2 and all(isinstance(c, str) for c in names),
+           "class_names is not a list of two or more strings")
+    _check_config(doc.get("config"))
+    _check_summary(doc.get("summary"), len(names))
+    history = doc.get("history")
+    _check(isinstance(history, list) and all(isinstance(r, dict) for r in history), "history is not a list of epochs")
+    for r in history:
+        _check(isinstance(r.get("epoch"), int) and not isinstance(r["epoch"], bool), "an epoch number is not an int")
+        _check(all(_is_number(r.get(f.name)) for f in dataclasses.fields(EpochRecord)),
+               f"epoch {r['epoch']} has a missing or non-numeric value")
+    timings = doc.get("timings")
+    _check(isinstance(timings, dict) and all(_is_number(v, none=False) for v in timings.values()),
+           "timings is not an object of numbers")
+    for key in ("cache", "versions", "extra"):
+        _check(isinstance(doc.get(key) or {}, dict), f"{key} is not an object")
+    _check(all(v is None or isinstance(v, str) for v in (doc.get("cache") or {}).values()),
+           "cache holds a value that is not a string")
+
+
+_CONFIG_TYPES = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}
+
+
+def _check_config(config) -> None:
+    _check(isinstance(config, dict), "config is not an object")
+    for f in dataclasses.fields(TrainConfig):
+        kind = type(f.default)
+        value = config.get(f.name, f.default)
+        ok = isinstance(value, _CONFIG_TYPES[kind]) and (kind is bool or not isinstance(value, bool))
+        _check(ok, f"config.{f.name} is not a {kind.__name__}")
+
+
+def _check_summary(summary, num_classes: int) -> None:
+    _check(isinstance(summary, dict), "summary is not an object")
+    numbers = ("train_loss", "train_acc", "best_val_loss", "best_val_acc", "test_acc", "training_time",
+               "test_loss", "balanced_accuracy", "roc_auc")
+    _check(all(_is_number(summary.get(k)) and k in summary for k in numbers), "summary has a non-numeric metric")
+    for k in ("precision", "recall", "f1", "support"):
+        v = summary.get(k)
+        _check(isinstance(v, list) and len(v) == num_classes and all(_is_number(x, none=k != "support") for x in v),
+               f"summary.{k} is not one number per class")
+    cm = summary.get("confusion_matrix")
+    _check(isinstance(cm, list) and len(cm) == num_classes
+           and all(isinstance(row, list) and len(row) == num_classes and all(_is_number(x, none=False) for x in row)
+                   for row in cm), "summary.confusion_matrix is not a C x C matrix")
+    for k in ("selected_epoch", "epochs"):
+        _check(isinstance(summary.get(k), int) and not isinstance(summary.get(k), bool), f"summary.{k} is not an int")
+    _check(isinstance(summary.get("diverged"), bool), "summary.diverged is not true or false")
+    _check(summary.get("class_names") == [str(c) for c in summary.get("class_names") or []],
+           "summary.class_names is not a list of strings")

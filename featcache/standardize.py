@@ -14,14 +14,17 @@ import numpy as np
 
 from featcache.errors import UserError
 
-STD_FLOOR = 1e-6  # a constant feature is divided by this, not by 0
+_EPS = np.finfo(np.float64).eps  # the variances are float64 sums
 
 Arrays = tuple[np.ndarray, np.ndarray]  # features (N, D), labels (N,)
 
 
 def standardization(x_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(mean (D,), std (D,)) float32 of train features (N, D), computed in float64; std floored at STD_FLOOR.
+    """(mean (D,), std (D,)) float32 of train features (N, D), computed in float64.
 
+    scikit-learn's StandardScaler rule: a feature whose train variance is indistinguishable from 0 given
+    float64 rounding (`constant_features`) gets std 1, so it is only centred; every other feature, however
+    small its scale (1e-10 is common for randomly initialised backbones), is divided by its own std.
     Every split is then transformed as (x - mean) / std, and head.npz stores both.
     """
     return blockwise_standardization(lambda: [x_train])
@@ -45,8 +48,17 @@ def blockwise_standardization(blocks: Callable[[], Iterable[np.ndarray]]) -> tup
     for x in blocks():
         part = ((x - mean) ** 2).sum(axis=0, dtype=np.float64)
         squares = part if squares is None else squares + part
-    std = np.sqrt(squares / rows)
-    return mean.astype(np.float32), np.maximum(std, STD_FLOOR).astype(np.float32)
+    var = squares / rows  # (D,) float64
+    std = np.where(constant_features(var, mean, rows), 1.0, np.sqrt(var)).astype(np.float32)
+    std[~(std > 0)] = 1.0  # a std that only float32 cannot hold (below 1e-45) is a constant feature too
+    return mean.astype(np.float32), std
+
+
+def constant_features(var: np.ndarray, mean: np.ndarray, rows: int) -> np.ndarray:
+    """(D,) bool: features whose float64 two-pass variance (D,) over `rows` rows is within its rounding error
+    of 0 (scikit-learn's _is_constant_feature, after Chan, Golub and LeVeque): var <= n eps var + (n mean eps)^2.
+    """
+    return var <= rows * _EPS * var + (rows * mean * _EPS) ** 2
 
 
 def check_labels(split: str, labels: np.ndarray, num_classes: int) -> None:

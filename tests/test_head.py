@@ -223,12 +223,12 @@ def test_same_seed_same_history_other_seed_other_history():
 def test_float16_features_and_standardize():
     (x, y), val, test = _problem(2, d=6)
     x = x * 50 + 7
-    x[:, 0] = 3.0  # a constant feature: std floored, no division by zero
+    x[:, 0] = 3.0  # a constant feature: std 1 (scikit-learn's rule), only centred
     val, test = (val[0] * 50 + 7, val[1]), (test[0] * 50 + 7, test[1])
     half = [(a.astype(np.float16), b) for a, b in ((x, y), val, test)]
     fit = fit_head(*half, num_classes=2, config=TrainConfig(epochs=3, standardize=True))
     assert fit.mean.shape == fit.std.shape == (6,) and fit.mean.dtype == np.float32
-    assert fit.std[0] == pytest.approx(1e-6) and fit.mean[0] == pytest.approx(3.0)
+    assert fit.std[0] == 1.0 and fit.mean[0] == pytest.approx(3.0)
     assert np.isfinite([r.train_loss for r in fit.history]).all()
     # the stored mean/std and weights reproduce the test logits from raw features
     raw = test[0].astype(np.float16).astype(np.float32)

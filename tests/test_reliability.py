@@ -626,3 +626,24 @@ def test_bad_option_values_are_usage_errors_exit_2(command, bad, words, tmp_path
     for word in words:
         assert word in result.output, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no dataset rendered, no run, no cache
+
+
+# --------------------------------------------------------------------------- issue 15: disk full while drawing
+
+
+def test_a_full_disk_while_writing_curves_png_exits_6_with_one_line(small_disk, tmp_path):
+    folder, exhaust, free = small_disk
+    path = _synthetic_cache(tmp_path / "m.h5")
+    runs_dir = folder / "runs"
+    args = ["head-train", "--cache", path, "--epochs", 3, "--runs-dir", runs_dir, "--run-name", "r"]
+    exhaust(20_000)  # head.npz (~1.5 kB) and history.csv fit; curves.png (~60 kB) does not
+    try:
+        error = _one_error_line(_invoke(*args), 6)
+    finally:
+        free()
+    run_dir = runs_dir / "r"
+    assert re.fullmatch(rf"Error: Out of disk space writing {re.escape(str(run_dir / 'curves.png'))} "
+                        r"\((No space left on device|File too large)\); free space in "
+                        rf"{re.escape(str(run_dir))} and run the command again \(any earlier curves\.png is "
+                        r"unchanged\)\.", error), error
+    assert sorted(p.name for p in run_dir.iterdir()) == ["head.npz", "history.csv"]  # no temporary file, unfinished

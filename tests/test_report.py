@@ -133,16 +133,30 @@ def test_json_stays_strict_for_a_run_with_nan_losses(two_runs, tmp_path):
 
 
 @pytest.mark.parametrize("what", ["empty", "unfinished", "missing"])
-def test_a_directory_that_is_not_a_finished_run_exits_2(what, two_runs, tmp_path):
+def test_a_directory_that_is_not_a_finished_run_is_skipped_with_a_note_or_exits_2(what, two_runs, tmp_path):
+    # issue 15: `report runs/*` reports the finished runs and notes the unfinished ones (crashed or still
+    # running); a path that does not exist, or nothing finished at all, is still a one-line error, exit 2
     bad = tmp_path / what
     if what != "missing":
         bad.mkdir()
     if what == "unfinished":  # a run directory without metrics.json (crashed or still running)
         (bad / runs.HISTORY_FILE).write_text("epoch\n")
     result = CliRunner().invoke(cli, ["report", str(two_runs[0]), str(bad), "--figure", str(tmp_path / "f.png")])
-    assert result.exit_code == 2
-    assert isinstance(result.exception, SystemExit)  # a message, not a traceback
-    (line,) = result.stderr.strip().splitlines()
+    if what == "missing":
+        assert result.exit_code == 2
+        assert isinstance(result.exception, SystemExit)  # a message, not a traceback
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith("Error: ") and str(bad) in line and "does not exist" in line
+        assert not (tmp_path / "f.png").exists()
+    else:
+        assert result.exit_code == 0, result.output
+        assert result.stderr.splitlines() == [
+            f"Skipping {bad}: an unfinished run (no metrics.json: still running, or stopped).",
+            f"figure: {tmp_path / 'f.png'}"]
+        assert "resnet18" in result.stdout and "googlenet" not in result.stdout  # the one finished run
+        assert (tmp_path / "f.png").is_file()
+    alone = CliRunner().invoke(cli, ["report", str(bad), "--figure", str(tmp_path / "g.png")])
+    assert alone.exit_code == 2 and isinstance(alone.exception, SystemExit)
+    (line,) = alone.stderr.strip().splitlines()[-1:]
     assert line.startswith("Error: ") and str(bad) in line
-    assert ("does not exist" if what == "missing" else "not a finished run") in line
-    assert not (tmp_path / "f.png").exists()
+    assert not (tmp_path / "g.png").exists()
