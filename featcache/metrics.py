@@ -165,14 +165,17 @@ class EpochRecord:
 
     def to_dict(self) -> dict:
         """JSON-safe dict (non-finite numbers as None)."""
-        d = asdict(self)
-        return {k: v if k == "epoch" else _finite_or_none(v) for k, v in d.items()}
+        # plain attribute reads: dataclasses.asdict deep-copies and costs ~0.5 ms a record (100000 epochs: a minute)
+        return {name: getattr(self, name) if name == "epoch" else _finite_or_none(getattr(self, name))
+                for name in _EPOCH_FIELDS}
 
     @classmethod
     def from_dict(cls, d: dict) -> "EpochRecord":
         return cls(**{f.name: int(d[f.name]) if f.name == "epoch" else _none_to_nan(d[f.name])
                       for f in fields(cls)})
 
+
+_EPOCH_FIELDS = tuple(f.name for f in fields(EpochRecord))
 
 DIVERGENCE_FACTOR = 10.0  # a train loss this many times above the best so far (and above chance) ...
 BLOWUP_FACTOR = 100.0  # ... or this many times the chance level, even in the first epoch

@@ -174,7 +174,7 @@ def head_problem(head: Mapping[str, np.ndarray]) -> str | None:
     missing = [k for k in HEAD_KEYS if k not in head]
     if missing:
         return f"no {', '.join(missing)}"
-    weight, bias, names = head["weight"], head["bias"], head["class_names"]
+    weight, names = head["weight"], head["class_names"]
     floats = ("weight", "bias", "mean", "std")
     bad = [k for k in floats if head[k].dtype.kind != "f"]
     if bad or names.dtype.kind != "U" or head["standardized"].dtype != np.bool_:
