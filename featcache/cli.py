@@ -221,6 +221,15 @@ def train_options(f, *, grid: bool = False):
         config_option(TrainConfig, "seed", help="Seed of head init and batch order (the same in both modes)."),
         config_option(TrainConfig, "runs_dir", type=click.Path(file_okay=False),
                       help="Where run directories are written."),
+        config_option(TrainConfig, "class_weight", metavar="none|balanced|W1,W2,...",
+                      help="Loss weight per class: balanced = N / (C * train rows of the class); "
+                           "train loss is the weighted one optimised, val/test losses stay unweighted."),
+        config_option(TrainConfig, "operating_point", metavar="youden|sens=X|spec=X",
+                      help="Two classes: the threshold chosen on val, frozen for test's sensitivity, "
+                           "specificity, PPV, NPV, F1."),
+        config_option(TrainConfig, "bootstrap", type=click.IntRange(-1),
+                      help="Stratified bootstrap resamples for the test metrics' 95 % intervals (seed 0); "
+                           "0 = none; -1 = 1000 for up to 4 classes, 200 above."),
     ])
 
 

@@ -52,6 +52,9 @@ class TrainConfig:
     standardize: bool = False  # z-score features with train mean/std (head-train only)
     seed: int = 0
     runs_dir: str = "runs"
+    class_weight: str = "none"  # "none" | "balanced" | "W1,W2,..." (plan.class_weights, from the train labels)
+    operating_point: str = "youden"  # two classes: threshold rule chosen on val (metrics.choose_threshold)
+    bootstrap: int = -1  # test-metric resamples; 0 = no intervals; -1 = auto (runs.bootstrap_resamples)
 
 
 @dataclass(frozen=True)
