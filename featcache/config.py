@@ -92,3 +92,12 @@ class BenchConfig:
     scale_epochs: tuple[int, ...] = (30, 100, 300)  # head-train time at these epoch counts
     out: str = "benchmarks/results"  # folder of the result JSON files
     work_dir: str | None = None  # datasets, caches and runs of the benchmark; None = a temporary folder
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """`featcache compare RUN_A RUN_B`: the paired bootstrap of the runs' test metrics."""
+
+    bootstrap: int = 1000  # stratified resamples, the same rows drawn for both runs
+    seed: int = 0
+    figure: str | None = None  # a PNG with both runs' ROC curves; None = no figure
