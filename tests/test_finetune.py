@@ -233,6 +233,11 @@ def test_parity_holds_with_class_weight_balanced(case, work, imbalanced, weights
     assert abs(plain.history[0].train_loss - head.history[0].train_loss) > 1e-3
     # val loss is the plain unweighted mean in both (metrics.evaluate)
     assert f[-1]["val_loss"] == pytest.approx(h[-1]["val_loss"], abs=LOSS_TOL)
+    # both runs stored their test rows by image path: the two modes compare paired, with the same test metrics
+    paired = featcache.compare(head.run_dir, frozen.run_dir, bootstrap=50)
+    assert paired.rows == N_PER_CLASS[2] * classes
+    assert paired.differences["accuracy"].point == 0.0
+    assert paired.values_a["auroc"] == pytest.approx(paired.values_b["auroc"], abs=1e-9)
 
 
 # ---------------------------------------------------------------- resume after SIGKILL (and the full fine-tune run)
