@@ -67,6 +67,8 @@ def finetune(config: FinetuneConfig, train: TrainConfig, *, resume: str | Path |
     _check_options(config, device, log=log)
     runs.check_report_options(train)
     index, skipped, fingerprint = _scan(config, group, stored_fingerprint=stored_fingerprint, run_dir=run_dir)
+    class_weights(labels=np.array([s.label for s in index.splits["train"]], dtype=np.int64),  # its errors: now
+                  num_classes=len(index.class_names), spec=train.class_weight)
     backbone = build_backbone(config.model, weights=config.weights, image_size=config.image_size)
     plan = make_plan(n_train=len(index.splits["train"]), feature_dim=backbone.spec.feature_dim,
                      num_outputs=num_outputs_for(len(index.class_names)), config=train)
