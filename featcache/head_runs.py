@@ -159,7 +159,8 @@ def train_head(*, cache: str | Path, config: TrainConfig, run_name: str | None =
     curves = {CURVES_FILE: lambda path: plot_curves(fit.history, path, title=run_title(meta), selected=fit.selected)}
     return write_head_run(cache=cache, meta=meta, config=config, summary=fit.summary, timings=timings,
                           history=fit.history, head=fit.head_weights, figures=curves, extra=extra,
-                          run_name=run_name, progress=progress, test_logits=fit.test_logits)
+                          run_name=run_name, progress=progress, test_logits=fit.test_logits,
+                          splits=None if stream else data)
 
 
 def _streaming(meta: dict, *, stream: bool | None, memory_mib: int | None, progress: bool) -> tuple[bool, int]:
@@ -227,7 +228,7 @@ def train_grid(*, cache: str | Path, config: TrainConfig, lrs: Sequence[float], 
                           timings={"load_s": data.load_s, **grid.timings}, history=saved.history,
                           head=saved.head_weights, figures=curves,
                           extra={"grid": grid.to_dict(), "seed_stats": seed_stats(cell.fits)},
-                          run_name=run_name, progress=progress, test_logits=saved.test_logits)
+                          run_name=run_name, progress=progress, test_logits=saved.test_logits, splits=data)
 
 
 def train_ridge(*, cache: str | Path, config: TrainConfig, l2s: Sequence[float] | None = None,
@@ -262,7 +263,7 @@ def train_ridge(*, cache: str | Path, config: TrainConfig, l2s: Sequence[float] 
     return write_head_run(cache=cache, meta=data.meta, config=config, summary=fit.summary,
                           timings={"load_s": data.load_s, "train_s": fit.seconds}, history=fit.history,
                           head=fit.head_weights, figures=curves, solver="ridge", extra={"ridge": fit.to_dict()},
-                          run_name=run_name, progress=progress)
+                          run_name=run_name, progress=progress, splits=data)
 
 
 # --------------------------------------------------------------------------- what every solver shares
@@ -316,12 +317,11 @@ def write_head_run(*, cache: str | Path, meta: Mapping, config: TrainConfig, sum
                    timings: Mapping[str, float], history: Sequence[EpochRecord] = (),
                    head: HeadWeights | None = None, figures: Mapping[str, Figure] | None = None,
                    solver: str | None = None, extra: Mapping | None = None, run_name: str | None = None,
-                   progress: bool = True, test_logits=None) -> RunResult:
+                   progress: bool = True, test_logits=None, splits: CacheSplits | None = None) -> RunResult:
     """Write the run directory (mode "head") of one solver's fit on a cache; metrics.json last marks it finished.
 
-    With a linear head, the clinical metrics (runs.write_clinical: extra["clinical"], test_logits.npz, roc.png,
-    calibration.png) come from the head's val and test logits; test_logits (N_test, K): the fit's own (those
-    of the summary), None = the head applied to the cache's test rows.
+    With a linear head: runs.write_clinical (extra["clinical"], test_logits.npz, roc.png, calibration.png) of its
+    val/test logits; test_logits (N_test, K): the fit's own, None = head on the cache's test rows; splits: if loaded.
 
     Args:
         cache: the cache file the fit read, recorded with its key.
@@ -359,7 +359,8 @@ def write_head_run(*, cache: str | Path, meta: Mapping, config: TrainConfig, sum
         runs.write_history_csv(run_dir / runs.HISTORY_FILE, history)
     for name, draw in (figures or {}).items():
         draw(run_dir / name)
-    clinical = head and _write_clinical(run_dir, cache=cache, meta=meta, config=config, head=head, logits=test_logits)
+    clinical = head and _write_clinical(run_dir, cache=cache, meta=meta, config=config, head=head, logits=test_logits,
+                                        splits=splits)
     record = {**({"solver": solver} if solver else {}),
               "weights": meta.get("weights"), "dataset_name": meta.get("dataset_name"),
               "feature_dim": meta.get("feature_dim"), "cache_dtype": meta.get("dtype"),
@@ -386,16 +387,20 @@ def head_logits(head: HeadWeights, features) -> "np.ndarray":
 
 
 def _write_clinical(run_dir: Path, *, cache: str | Path, meta: Mapping, config: TrainConfig, head: HeadWeights,
-                    logits) -> dict:
-    """runs.write_clinical of a head run: val and test rows (and train labels) read again from the cache."""
+                    logits, splits: CacheSplits | None) -> dict:
+    """runs.write_clinical of a head run: val and test rows (and train labels) from `splits`, or read again
+    from the cache when the fit did not load it (streamed)."""
     from featcache.cache import FeatureReader, load_paths
     from featcache.cache import load_splits as load_cache_splits
     from featcache.runs import write_clinical
 
-    _, loaded = load_cache_splits(cache, splits=("val", "test"))
+    if splits is None:
+        _, loaded = load_cache_splits(cache, splits=("val", "test"))
+        with FeatureReader(cache) as reader:
+            y_train = reader.labels("train")
+    else:
+        loaded, y_train = {"val": splits.val, "test": splits.test}, splits.train[1]
     (x_val, y_val), (x_test, y_test) = loaded["val"], loaded["test"]
-    with FeatureReader(cache) as reader:
-        y_train = reader.labels("train")
     return write_clinical(
         run_dir, val_logits=head_logits(head, x_val), val_labels=y_val,
         test_logits=head_logits(head, x_test) if logits is None else logits, test_labels=y_test,
