@@ -13,8 +13,8 @@ JAX side never loads torch and the other way round.
 
 from __future__ import annotations
 
-from featcache.api import (export, extract, finetune, finetune_seeds, load_features, load_model, predict, report,
+from featcache.api import (compare, export, extract, finetune, finetune_seeds, load_features, load_model, predict, report,
                            run_demo, shift_check, train_grid, train_head, train_ridge)
 
 __all__ = ["extract", "load_features", "train_head", "train_grid", "train_ridge", "finetune", "finetune_seeds",
-           "report", "export", "load_model", "predict", "shift_check", "run_demo"]
+           "report", "compare", "export", "load_model", "predict", "shift_check", "run_demo"]

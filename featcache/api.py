@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import fields
 from pathlib import Path
 
-__all__ = ["extract", "load_features", "train_head", "finetune", "report", "export", "load_model", "predict",
+__all__ = ["extract", "load_features", "train_head", "finetune", "report", "compare", "export", "load_model", "predict",
            "train_grid", "train_ridge", "finetune_seeds", "shift_check", "run_demo"]
 
 
@@ -90,6 +90,17 @@ def report(runs, *, format: str = "table", figure: str | Path | None = None) -> 
     from featcache.reporting import compare_runs
 
     return compare_runs(runs, format=format, figure=figure)
+
+
+def compare(run_a: str | Path, run_b: str | Path, *, figure: str | Path | None = None, **options):
+    """Paired bootstrap of two runs' test metrics on their shared test images; options: CompareConfig fields
+    (bootstrap, seed). Returns a paired.Comparison (.table() is what `featcache compare` prints)."""
+    from featcache.paired import compare_paired
+    from featcache.config import CompareConfig
+
+    config = config_from(CompareConfig, options, figure=None if figure is None else str(figure))
+    _reject_unknown(options)
+    return compare_paired(run_a, run_b, config=config)
 
 
 def export(run_dir: str | Path, *, out: str | Path | None = None, format: str = "torchscript",

@@ -54,6 +54,9 @@ class TrainConfig:
     standardize: bool = False  # z-score features with train mean/std (head-train only)
     seed: int = 0
     runs_dir: str = "runs"
+    class_weight: str = "none"  # "none" | "balanced" | "W1,W2,..." (plan.class_weights, from the train labels)
+    operating_point: str = "youden"  # two classes: threshold rule chosen on val (metrics.choose_threshold)
+    bootstrap: int = -1  # test-metric resamples; 0 = no intervals; -1 = auto (runs.bootstrap_resamples)
 
 
 @dataclass(frozen=True)
@@ -91,3 +94,12 @@ class BenchConfig:
     scale_epochs: tuple[int, ...] = (30, 100, 300)  # head-train time at these epoch counts
     out: str = "benchmarks/results"  # folder of the result JSON files
     work_dir: str | None = None  # datasets, caches and runs of the benchmark; None = a temporary folder
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """`featcache compare RUN_A RUN_B`: the paired bootstrap of the runs' test metrics."""
+
+    bootstrap: int = 1000  # stratified resamples, the same rows drawn for both runs
+    seed: int = 0
+    figure: str | None = None  # a PNG with both runs' ROC curves; None = no figure

@@ -34,7 +34,7 @@ from featcache.datasets import (DatasetIndex, ImageDataset, SkipUnreadable, coll
 from featcache.files import atomic_write, atomic_write_bytes
 from featcache.errors import NoSpaceError, TerminatedError, UserError
 from featcache.environment import default_num_workers, library_versions
-from featcache.plan import TrainPlan, make_plan, num_outputs_for
+from featcache.plan import TrainPlan, class_weights, make_plan, num_outputs_for
 from featcache.progress import progress_bar
 
 Log = Callable[[str], None]
@@ -67,7 +67,10 @@ def finetune(config: FinetuneConfig, train: TrainConfig, *, resume: str | Path |
     group = distributed.join(cuda=device.type == "cuda")  # Solo in one process; DDP under torchrun
     device = group.device(device)
     _check_options(config, device, log=log)
+    runs.check_report_options(train)
     index, skipped, fingerprint = _scan(config, group, stored_fingerprint=stored_fingerprint, run_dir=run_dir)
+    class_weights(labels=np.array([s.label for s in index.splits["train"]], dtype=np.int64),  # its errors: now
+                  num_classes=len(index.class_names), spec=train.class_weight)
     backbone = build_backbone(config.model, weights=config.weights, image_size=config.image_size)
     plan = make_plan(n_train=len(index.splits["train"]), feature_dim=backbone.spec.feature_dim,
                      num_outputs=num_outputs_for(len(index.class_names)), config=train)
@@ -312,14 +315,22 @@ class _PlanBatches:
         return self.plan.num_batches
 
 
-def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor,
+                        weight: torch.Tensor | None = None) -> torch.Tensor:
     """The training loss of every PyTorch loop: BCE on one logit for two classes, softmax cross-entropy for more.
 
-    logits: (B, K) float32, K = num_outputs_for(C); labels: (B,) int64. Returns the mean over the batch.
+    logits: (B, K) float32, K = num_outputs_for(C); labels: (B,) int64; weight: (C,) float32 class weights
+    (plan.class_weights) or None. Returns the mean over the batch; with weight the class-weighted mean
+    sum(w[y] * l) / sum(w[y]) of metrics.weighted_loss_from_logits (for two classes NOT BCE's
+    reduction="mean" with weight=, which divides by B, nor pos_weight=).
     """
     if logits.shape[1] == 1:  # two classes: one logit, BCE
-        return nn.functional.binary_cross_entropy_with_logits(logits[:, 0], labels.float())
-    return nn.functional.cross_entropy(logits, labels)
+        if weight is None:
+            return nn.functional.binary_cross_entropy_with_logits(logits[:, 0], labels.float())
+        w = weight[labels]  # (B,)
+        return nn.functional.binary_cross_entropy_with_logits(logits[:, 0], labels.float(), weight=w,
+                                                              reduction="sum") / w.sum()
+    return nn.functional.cross_entropy(logits, labels, weight=weight)
 
 
 class _Checkpoints:
@@ -451,6 +462,9 @@ class _Loop:
         # what the training forward pass calls: with DDP, its backward averages gradients over the processes
         self.trained = self.group.wrap(self.net.head if config.freeze_backbone else self.net, device=device,
                                        sync_batchnorm=not config.freeze_backbone)
+        weights = class_weights(labels=np.array([s.label for s in index.splits["train"]]),
+                                num_classes=self.num_classes, spec=train.class_weight)
+        self.class_weights = None if weights is None else torch.tensor(weights, dtype=torch.float32, device=device)
         self.sampler = _PlanBatches(plan, self.group)
         self.train_loader, self.eval_loaders = _make_loaders(index, backbone, config, sampler=self.sampler,
                                                              device=device, group=self.group)
@@ -504,15 +518,20 @@ class _Loop:
                 logits = self.trained(feats.float())
             else:
                 logits = self.trained(images)
-            loss = classification_loss(logits.float(), labels)
+            loss = classification_loss(logits.float(), labels, self.class_weights)
+        # rows count by their class weight: the global batch's weighted mean is sum(w * l) / sum(w) over all ranks
+        local_w = len(labels) if self.class_weights is None else float(self.class_weights[labels].sum())
+        (global_w,) = (global_rows,) if self.class_weights is None else self.group.sum(local_w)
         self.optimizer.zero_grad(set_to_none=True)
-        self.group.scale_loss(loss, rows=len(labels), global_rows=global_rows).backward()
+        self.group.scale_loss(loss, rows=local_w, global_rows=global_w).backward()
         self.optimizer.step()
         n = len(labels)
         batch_loss = float(loss.detach())
         pred = metrics.predict(logits.detach().float().cpu().numpy(), self.num_classes)
         # with DDP: sums over the processes, so every one sees the global batch's numbers
-        loss_sum, right, n = self.group.sum(batch_loss * n, int((pred == labels.cpu().numpy()).sum()), n)
+        loss_sum, right, n = self.group.sum(batch_loss * local_w, int((pred == labels.cpu().numpy()).sum()), n)
+        if self.class_weights is not None:  # the weighted mean of the global batch, times its rows
+            loss_sum = loss_sum / global_w * n
         return loss_sum, int(right), int(n)
 
     @torch.no_grad()
@@ -602,6 +621,9 @@ class _Loop:
         """Test metrics of the selected epoch; rank 0 writes the run directory; every rank gets the result."""
         good = history[:-1] if diverged else history
         test_logits = self._test_logits(scored=bool(good))
+        # best.pt's val logits for the operating point and temperature (NaN when nothing was scored)
+        val_logits = (self.logits("val") if good else
+                      np.full((len(self.index.splits["val"]), test_logits.shape[1]), np.nan, np.float32))
         test_labels = np.array([s.label for s in self.index.splits["test"]])
         selected = metrics.select_epoch(good or history)
         summary = metrics.summarize(history, selected, test_logits=test_logits, test_labels=test_labels,
@@ -614,7 +636,18 @@ class _Loop:
             self.run_dir, mode=mode, config=self.config, train=self.train, backbone=self.backbone,
             index=self.index, dataset_fingerprint=self.dataset_fingerprint,
             head=(head.weight.detach().cpu().numpy(), head.bias.detach().cpu().numpy()),
-            history=history, summary=summary, selected=selected, diverged=diverged))
+            history=history, summary=summary, selected=selected, diverged=diverged,
+            clinical=self._clinical(val_logits=val_logits, test_logits=test_logits, mode=mode)))
+
+    def _clinical(self, *, val_logits: np.ndarray, test_logits: np.ndarray, mode: str) -> dict:
+        """runs.write_clinical of this run (rank 0): extra["clinical"], test_logits.npz, roc.png, calibration.png."""
+        labels = {split: np.array([s.label for s in self.index.splits[split]], dtype=np.int64)
+                  for split in ("train", "val", "test")}
+        return runs.write_clinical(
+            self.run_dir, val_logits=val_logits, val_labels=labels["val"], test_logits=test_logits,
+            test_labels=labels["test"], test_paths=[s.path for s in self.index.splits["test"]],
+            num_classes=self.num_classes, config=self.train, train_labels=labels["train"],
+            title=f"{self.config.model} — {mode}")
 
     def _test_logits(self, *, scored: bool) -> np.ndarray:
         """(N_test, K) float32 logits of best.pt's weights; NaN when no epoch was good enough to score."""
@@ -631,10 +664,11 @@ class _Loop:
 def _write_run(run_dir: Path, *, mode: str, config: FinetuneConfig, train: TrainConfig, backbone: Backbone,
                index: DatasetIndex, dataset_fingerprint: str, head: tuple[np.ndarray, np.ndarray],
                history: list[metrics.EpochRecord], summary: metrics.RunSummary, selected: int,
-               diverged: str | None) -> runs.RunResult:
+               diverged: str | None, clinical: dict | None = None) -> runs.RunResult:
     """head.npz, history.csv, curves.png and metrics.json of a finished run (rank 0 only).
 
-    head: (weight (K, D) float32, bias (K,) float32) of the selected epoch.
+    head: (weight (K, D) float32, bias (K,) float32) of the selected epoch; clinical: runs.write_clinical's
+    record, stored as extra["clinical"].
     """
     weight, bias = head
     runs.save_head(run_dir / runs.HEAD_FILE, weight=weight, bias=bias, class_names=index.class_names)
@@ -646,7 +680,8 @@ def _write_run(run_dir: Path, *, mode: str, config: FinetuneConfig, train: Train
         versions=library_versions(),
         extra={"finetune": asdict(config), "dataset_root": str(index.root),
                "dataset_fingerprint": dataset_fingerprint, "weights": backbone.weights_tag,
-               "transform": backbone.transform_desc, "diverged_reason": diverged},
+               "transform": backbone.transform_desc, "diverged_reason": diverged,
+               **({"clinical": clinical} if clinical is not None else {})},
     )
 
 

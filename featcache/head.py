@@ -30,7 +30,7 @@ import optax
 from featcache import metrics
 from featcache.config import TrainConfig
 from featcache.metrics import EpochRecord, RunSummary
-from featcache.plan import TrainPlan, check_config, make_plan, num_outputs_for
+from featcache.plan import TrainPlan, check_config, class_weights, make_plan, num_outputs_for
 from featcache.runs import HeadWeights
 from featcache.standardize import Arrays, HeadData, prepare_splits
 
@@ -62,17 +62,21 @@ def linear_from_params(params: dict) -> tuple[np.ndarray, np.ndarray]:
     return np.swapaxes(np.asarray(p["kernel"]), -1, -2), np.asarray(p["bias"])
 
 
-def masked_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+def masked_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array,
+                class_weights: jax.Array | None = None) -> jax.Array:
     """Mean loss over the rows with mask 1 (torch's BCEWithLogitsLoss / CrossEntropyLoss, reduction="mean").
 
     logits (S, K); labels (S,) int32; mask (S,) float32. K == 1: BCE on the one logit, class 1
     positive; K > 1: softmax cross-entropy. Padded rows (mask 0) contribute neither loss nor gradient.
+    class_weights (C,) float32 (plan.class_weights) or None: the class-weighted mean
+    sum(w[y] * l) / sum(w[y]) over the masked rows, as metrics.weighted_loss_from_logits defines it.
     """
     if logits.shape[-1] == 1:
         per_row = optax.losses.sigmoid_binary_cross_entropy(logits[:, 0], labels.astype(logits.dtype))
     else:
         per_row = optax.losses.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return jnp.sum(per_row * mask) / jnp.sum(mask)
+    weight = mask if class_weights is None else mask * class_weights[labels]  # (S,)
+    return jnp.sum(per_row * weight) / jnp.sum(weight)
 
 
 def predictions(logits: jax.Array) -> jax.Array:
@@ -166,19 +170,20 @@ def padded_batches(plan: TrainPlan) -> tuple[np.ndarray, np.ndarray]:
     return idx.reshape(e, b, s), mask.reshape(e, b, s)
 
 
-def train_program(*, num_outputs: int, config: TrainConfig) -> Callable:
+def train_program(*, num_outputs: int, config: TrainConfig, class_weights: np.ndarray | None = None) -> Callable:
     """The whole training as one jitted function.
 
     Returns:
         program(params, x_train (N, D) f32, y_train (N,) i32, x_val (Nv, D) f32, idx (E, B, S) i32,
         mask (E, B, S) f32, lrs (E,) f32) -> (batch_loss (E, B) f32 mean loss of each batch,
         batch_correct (E, B) i32, val_logits (E, Nv, K) f32, epoch_params: params stacked (E, ...)
-        as they are at the end of each epoch).
+        as they are at the end of each epoch). class_weights: see masked_loss.
     """
-    return jax.jit(training_program(num_outputs=num_outputs, config=config))
+    return jax.jit(training_program(num_outputs=num_outputs, config=config, class_weights=class_weights))
 
 
-def training_program(*, num_outputs: int, config: TrainConfig, heads: int | None = None) -> Callable:
+def training_program(*, num_outputs: int, config: TrainConfig, heads: int | None = None,
+                     class_weights: np.ndarray | None = None) -> Callable:
     """The un-jitted training program: one head (what `train_program` compiles) or H heads side by side.
 
     heads=None: program(params, x_train, y_train, x_val, idx, mask, lrs (E,)), as train_program.
@@ -190,12 +195,13 @@ def training_program(*, num_outputs: int, config: TrainConfig, heads: int | None
     for head h is head h's own gradient, and the optimizer is elementwise, so every head takes the
     steps it takes alone; but the H heads cost one matrix product per step instead of H
     matrix-vector products (featcache.sweep runs its grid this way).
+    class_weights: (C,) of plan.class_weights or None, the same for every head (see masked_loss).
     """
     multi = heads is not None
 
     def program(params, x_train, y_train, x_val, idx, mask, lrs, *weight_decays):
         steps = head_steps(num_outputs=num_outputs, config=config, heads=heads,
-                           weight_decays=weight_decays[0] if multi else None)
+                           weight_decays=weight_decays[0] if multi else None, class_weights=class_weights)
 
         def epoch_step(carry, epoch):
             idx_e, mask_e, lr = epoch  # (B, S), (B, S), () or (H,)
@@ -230,13 +236,14 @@ class HeadSteps(NamedTuple):
 
 
 def head_steps(*, num_outputs: int, config: TrainConfig, heads: int | None = None,
-               weight_decays: jax.Array | None = None) -> HeadSteps:
+               weight_decays: jax.Array | None = None, class_weights: np.ndarray | None = None) -> HeadSteps:
     """The HeadSteps of one head (heads=None) or H heads side by side (see training_program).
 
     weight_decays: (H,) per head with heads=H (may be traced), else None for config.weight_decay.
+    class_weights: (C,) loss weight per class (plan.class_weights of the train labels) or None.
     """
-    multi = heads is not None
-    num_heads = heads or 1
+    multi, num_heads = heads is not None, heads or 1
+    cw = None if class_weights is None else jnp.asarray(np.asarray(class_weights, np.float32))  # (C,)
     model = LinearHead(num_outputs * num_heads)
 
     def per_head(logits):  # (M, H*K) -> (M, H, K)
@@ -272,7 +279,7 @@ def head_steps(*, num_outputs: int, config: TrainConfig, heads: int | None = Non
 
         def loss_fn(p):
             logits = per_head(model.apply(from_carried(p), xb))  # (S, H, K)
-            losses = jax.vmap(masked_loss, in_axes=(1, None, None))(logits, yb, m)  # (H,)
+            losses = jax.vmap(lambda x: masked_loss(x, yb, m, cw), in_axes=1)(logits)  # (H,)
             return jnp.sum(losses), (losses, logits)
 
         (_, (loss, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -354,7 +361,8 @@ def fit_head(train: Arrays, val: Arrays, test: Arrays, *, num_classes: int, conf
     args = program_args(plan, data)
 
     t0 = time.perf_counter()
-    compiled = train_program(num_outputs=num_outputs, config=config).lower(*args).compile()
+    weights = class_weights(labels=data.y_train, num_classes=num_classes, spec=config.class_weight)
+    compiled = train_program(num_outputs=num_outputs, config=config, class_weights=weights).lower(*args).compile()
     t1 = time.perf_counter()
     outs = jax.block_until_ready(compiled(*args))
     t2 = time.perf_counter()

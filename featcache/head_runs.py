@@ -83,6 +83,9 @@ def head_train(*, cache: str | Path, config: TrainConfig, solver: str = DEFAULT_
                  else [int(s) for s in seeds])
     grid = grid or (len(lrs), len(weight_decays), len(seed_list)) != (1, 1, 1)  # an empty list: the grid says so
     check_combination(solver=solver, grid=grid, stream=stream, l2s=l2s)
+    from featcache.runs import check_report_options
+
+    check_report_options(config)
     if solver == "ridge":
         return train_ridge(cache=cache, config=config, l2s=l2s, run_name=run_name, progress=progress)
     if grid:
@@ -156,7 +159,8 @@ def train_head(*, cache: str | Path, config: TrainConfig, run_name: str | None =
     curves = {CURVES_FILE: lambda path: plot_curves(fit.history, path, title=run_title(meta), selected=fit.selected)}
     return write_head_run(cache=cache, meta=meta, config=config, summary=fit.summary, timings=timings,
                           history=fit.history, head=fit.head_weights, figures=curves, extra=extra,
-                          run_name=run_name, progress=progress)
+                          run_name=run_name, progress=progress, test_logits=fit.test_logits,
+                          splits=None if stream else data)
 
 
 def _streaming(meta: dict, *, stream: bool | None, memory_mib: int | None, progress: bool) -> tuple[bool, int]:
@@ -224,7 +228,7 @@ def train_grid(*, cache: str | Path, config: TrainConfig, lrs: Sequence[float], 
                           timings={"load_s": data.load_s, **grid.timings}, history=saved.history,
                           head=saved.head_weights, figures=curves,
                           extra={"grid": grid.to_dict(), "seed_stats": seed_stats(cell.fits)},
-                          run_name=run_name, progress=progress)
+                          run_name=run_name, progress=progress, test_logits=saved.test_logits, splits=data)
 
 
 def train_ridge(*, cache: str | Path, config: TrainConfig, l2s: Sequence[float] | None = None,
@@ -259,7 +263,7 @@ def train_ridge(*, cache: str | Path, config: TrainConfig, l2s: Sequence[float] 
     return write_head_run(cache=cache, meta=data.meta, config=config, summary=fit.summary,
                           timings={"load_s": data.load_s, "train_s": fit.seconds}, history=fit.history,
                           head=fit.head_weights, figures=curves, solver="ridge", extra={"ridge": fit.to_dict()},
-                          run_name=run_name, progress=progress)
+                          run_name=run_name, progress=progress, splits=data)
 
 
 # --------------------------------------------------------------------------- what every solver shares
@@ -313,8 +317,11 @@ def write_head_run(*, cache: str | Path, meta: Mapping, config: TrainConfig, sum
                    timings: Mapping[str, float], history: Sequence[EpochRecord] = (),
                    head: HeadWeights | None = None, figures: Mapping[str, Figure] | None = None,
                    solver: str | None = None, extra: Mapping | None = None, run_name: str | None = None,
-                   progress: bool = True) -> RunResult:
+                   progress: bool = True, test_logits=None, splits: CacheSplits | None = None) -> RunResult:
     """Write the run directory (mode "head") of one solver's fit on a cache; metrics.json last marks it finished.
+
+    With a linear head: runs.write_clinical (extra["clinical"], test_logits.npz, roc.png, calibration.png) of its
+    val/test logits; test_logits (N_test, K): the fit's own, None = head on the cache's test rows; splits: if loaded.
 
     Args:
         cache: the cache file the fit read, recorded with its key.
@@ -352,10 +359,13 @@ def write_head_run(*, cache: str | Path, meta: Mapping, config: TrainConfig, sum
         runs.write_history_csv(run_dir / runs.HISTORY_FILE, history)
     for name, draw in (figures or {}).items():
         draw(run_dir / name)
+    clinical = head and _write_clinical(run_dir, cache=cache, meta=meta, config=config, head=head, logits=test_logits,
+                                        splits=splits)
     record = {**({"solver": solver} if solver else {}),
               "weights": meta.get("weights"), "dataset_name": meta.get("dataset_name"),
               "feature_dim": meta.get("feature_dim"), "cache_dtype": meta.get("dtype"),
-              "rows": {split: int(meta["splits"].get(split, 0)) for split in SPLITS}, **(extra or {})}
+              "rows": {split: int(meta["splits"].get(split, 0)) for split in SPLITS}, **(extra or {}),
+              **({"clinical": clinical} if clinical is not None else {})}
     result = runs.finish_run(run_dir, mode="head", model=meta["model"], config=config, summary=summary,
                              history=history, timings=timings, versions=library_versions(),
                              cache_key=meta.get("key"), cache_path=str(cache), extra=record)
@@ -363,6 +373,39 @@ def write_head_run(*, cache: str | Path, meta: Mapping, config: TrainConfig, sum
         _say(progress, f"Warning: {diverged_message(result)}")
     _say(progress, f"Run written to {run_dir}")
     return result
+
+
+def head_logits(head: HeadWeights, features) -> "np.ndarray":
+    """(N, K) float64 logits of head.npz's head on features (N, D): ((x - mean) / std) @ weight.T + bias, the
+    z-scoring in float32 as standardize.prepare_splits does it."""
+    import numpy as np
+
+    x = np.asarray(features, dtype=np.float32)
+    if head.mean is not None:
+        x = (x - head.mean) / head.std
+    return x.astype(np.float64) @ np.asarray(head.weight, np.float64).T + np.asarray(head.bias, np.float64)
+
+
+def _write_clinical(run_dir: Path, *, cache: str | Path, meta: Mapping, config: TrainConfig, head: HeadWeights,
+                    logits, splits: CacheSplits | None) -> dict:
+    """runs.write_clinical of a head run: val and test rows (and train labels) from `splits`, or read again
+    from the cache when the fit did not load it (streamed)."""
+    from featcache.cache import FeatureReader, load_paths
+    from featcache.cache import load_splits as load_cache_splits
+    from featcache.runs import write_clinical
+
+    if splits is None:
+        _, loaded = load_cache_splits(cache, splits=("val", "test"))
+        with FeatureReader(cache) as reader:
+            y_train = reader.labels("train")
+    else:
+        loaded, y_train = {"val": splits.val, "test": splits.test}, splits.train[1]
+    (x_val, y_val), (x_test, y_test) = loaded["val"], loaded["test"]
+    return write_clinical(
+        run_dir, val_logits=head_logits(head, x_val), val_labels=y_val,
+        test_logits=head_logits(head, x_test) if logits is None else logits, test_labels=y_test,
+        test_paths=load_paths(cache, "test"), num_classes=len(meta["class_names"]), config=config,
+        train_labels=y_train, title=run_title(meta))
 
 
 def divergence_reason(history: Sequence[EpochRecord], *, num_classes: int) -> str:

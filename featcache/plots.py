@@ -1,15 +1,12 @@
-"""Training-curve figures (matplotlib imported inside the functions; PNG drawn by Agg)."""
+"""Figures: training curves, ROC curves, reliability diagrams (matplotlib inside the functions; PNG by Agg)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from featcache.files import atomic_write
 from featcache.metrics import EpochRecord
-
-if TYPE_CHECKING:
-    from featcache.runs import RunResult
 
 
 def _figure(ncols: int, width: float = 11.0, height: float = 4.2):
@@ -53,8 +50,8 @@ def plot_curves(history: Sequence[EpochRecord], path: str | Path, title: str, *,
     return Path(path)
 
 
-def plot_comparison(runs: Sequence["RunResult"], path: str | Path, title: str = "Validation curves") -> Path:
-    """Val accuracy and val loss per epoch of several runs on two panels, one line per run (model/mode)."""
+def plot_comparison(runs: Sequence, path: str | Path, title: str = "Validation curves") -> Path:
+    """Val accuracy and val loss per epoch of several runs (runs.RunResult) on two panels, one line per run."""
     fig, (ax_acc, ax_loss) = _figure(2)
     for run in runs:
         epochs = [r.epoch for r in run.history]
@@ -127,5 +124,85 @@ def plot_accuracy_path(values: Sequence[float], curves: Mapping[str, Sequence[fl
     ax.grid(alpha=0.3)
     ax.legend()
     fig.suptitle(title)
+    _save(fig, path)
+    return Path(path)
+
+
+def plot_roc(curves: Mapping[str, tuple], path: str | Path, title: str, *, num_classes: int) -> Path:
+    """roc.png: ROC curves (sensitivity against 1 - specificity) of one or more runs on one plot.
+
+    Args:
+        curves: legend label (a run) -> (logits (N, K), labels (N,)) of its test rows.
+        path: the PNG to write.
+        title: figure title.
+        num_classes: C; two classes: one curve per run on the one logit; more: one-vs-rest on the softmax
+            probabilities, one curve per class per run (metrics.roc_points draws each; AUROC from metrics.auroc).
+    """
+    import numpy as np
+
+    from featcache import metrics
+
+    fig, ax = _figure(1, width=6.0, height=5.5)
+    for label, (logits, labels) in curves.items():
+        y = np.asarray(labels).reshape(-1)
+        if num_classes == 2:
+            tasks = [("", metrics.as_logits(logits, 2)[:, 0], y)]
+        else:
+            p = metrics.probabilities(logits, num_classes)  # (N, C)
+            tasks = [(f" class {c}", p[:, c], (y == c).astype(np.int64)) for c in range(num_classes)]
+        for suffix, scores, positive in tasks:
+            points = metrics.roc_points(scores, positive)
+            if points is None:
+                continue
+            _, sens, spec = points
+            auc = metrics.roc_auc(scores, positive)
+            ax.plot(1 - spec, sens, "-", lw=1.3, label=f"{label}{suffix} (AUROC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], ":", color="grey", lw=1)
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    _save(fig, path)
+    return Path(path)
+
+
+def plot_calibration(logits, labels, path: str | Path, title: str, *, num_classes: int, bins: int = 15,
+                     temperature: float | None = None) -> Path:
+    """calibration.png: reliability diagram of test rows, accuracy against confidence in the equal-width bins
+    of metrics.expected_calibration_error (before, and after temperature scaling when `temperature` is given).
+
+    Args:
+        logits: (N, K) test logits; labels: (N,) int.
+        path: the PNG to write; title: figure title.
+        num_classes: C. bins: the ECE bins. temperature: the one fitted on val (metrics.fit_temperature) or None.
+    """
+    import numpy as np
+
+    from featcache import metrics
+
+    x, y = metrics.as_logits(logits, num_classes), np.asarray(labels).reshape(-1)
+    fig, ax = _figure(1, width=6.0, height=5.5)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    for name, scaled in (("before", x), ("after temperature", None if temperature is None else x / temperature)):
+        if scaled is None or len(y) == 0 or not np.isfinite(scaled).all():
+            continue
+        confidence = metrics.probabilities(scaled, num_classes).max(axis=1)
+        correct = metrics.predict(scaled, num_classes) == y
+        b = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
+        counts = np.bincount(b, minlength=bins)
+        used = counts > 0
+        conf = np.bincount(b, weights=confidence, minlength=bins)[used] / counts[used]
+        acc = np.bincount(b, weights=correct, minlength=bins)[used] / counts[used]
+        ece = metrics.expected_calibration_error(scaled, y, num_classes, bins=bins)
+        ax.plot(conf, acc, "o-", ms=4, label=f"{name} (ECE {ece:.3f})")
+    ax.plot([0, 1], [0, 1], ":", color="grey", lw=1, label="perfect calibration")
+    ax.set_xlabel("confidence (probability of the predicted class)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
     _save(fig, path)
     return Path(path)

@@ -71,7 +71,57 @@ def run_row(run) -> dict:
     row["selected_epoch"] = s.selected_epoch
     row["diverged"] = s.diverged
     row["run_dir"] = str(run.run_dir)
+    row.update(clinical_values(run))
     return row
+
+
+CLINICAL_TITLE = "Test metrics with 95 % stratified bootstrap intervals (operating point chosen on val)"
+CLINICAL_KEYS = ("balanced_accuracy", "auroc", "sensitivity", "specificity")  # with intervals when bootstrapped
+CLINICAL_HEADERS = {"balanced_accuracy": "balanced acc", "auroc": "AUROC", "sensitivity": "sensitivity",
+                    "specificity": "specificity"}
+
+
+def clinical_values(run) -> dict:
+    """The clinical numbers of a run (metrics.json extra["clinical"]) as flat columns for csv/json: each of
+    CLINICAL_KEYS with _low/_high (None without intervals), ece and ece_temperature; {} for an older run."""
+    clinical = run.extra.get("clinical")
+    if not clinical:
+        return {}
+    intervals = (clinical.get("bootstrap") or {}).get("intervals") or {}
+    out = {}
+    for key in CLINICAL_KEYS:
+        if key in clinical["metrics"]:
+            out[key] = clinical["metrics"][key]
+            out[f"{key}_low"] = (intervals.get(key) or {}).get("low")
+            out[f"{key}_high"] = (intervals.get(key) or {}).get("high")
+    out["ece"] = clinical["calibration"]["ece_before"]
+    out["ece_temperature"] = clinical["calibration"]["ece_after"]
+    return out
+
+
+def clinical_rows(runs) -> list[dict]:
+    """One row per run that has clinical metrics: balanced acc and AUROC (and, for two classes, sensitivity and
+    specificity at the operating point) as 'value [low, high]', the operating point rule and ECE before -> after
+    temperature scaling."""
+    rows = []
+    for run in runs:
+        values = clinical_values(run)
+        if not values:
+            continue
+        op = run.extra["clinical"].get("operating_point")
+        row = {"model": run.model, "mode": run_row(run)["mode"]}
+        for key in CLINICAL_KEYS:
+            if key in values:
+                low, high = values[f"{key}_low"], values[f"{key}_high"]
+                interval = f" [{low:.4f}, {high:.4f}]" if low is not None and high is not None else ""
+                row[CLINICAL_HEADERS[key]] = f"{_fmt(values[key])}{interval}"
+        if op:
+            row["operating point"] = op["rule"]
+        row["ECE (T-scaled)"] = f"{_fmt(values['ece'])} ({_fmt(values['ece_temperature'])})"
+        row["run"] = Path(run.run_dir).name
+        rows.append(row)
+    columns = list(dict.fromkeys(k for row in rows for k in row))  # two-class runs beside others: every column
+    return [{k: row.get(k, "-") for k in columns} for row in rows]
 
 
 def print_summary(run) -> None:
@@ -91,6 +141,8 @@ def print_summary(run) -> None:
         console.print("[bold red]diverged[/]: the run stopped early; see metrics.json")
     for table in _extra_tables(run):
         console.print(table)
+    if clinical := clinical_rows([run]):
+        console.print(_rich_table(clinical, title=CLINICAL_TITLE))
     console.print(f"run: {run.run_dir}  (curves: {Path(run.run_dir) / 'curves.png'})")
 
 
@@ -171,11 +223,11 @@ def compare_runs(runs, *, format: str = "table", figure: str | Path | None = Non
         lines = ["| " + " | ".join(HEADERS[c] for c in cols) + " |",
                  "|" + "|".join("---" if c in ("model", "mode") else "---:" for c in cols) + "|"]
         lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
-        intervals = interval_rows(loaded)
-        if intervals:
-            lines += ["", f"{INTERVALS_TITLE}:", "",
-                      "| " + " | ".join(intervals[0]) + " |", "|" + "|".join("---" for _ in intervals[0]) + "|"]
-            lines += ["| " + " | ".join(_fmt(v) for v in r.values()) + " |" for r in intervals]
+        for title, extra in ((INTERVALS_TITLE, interval_rows(loaded)), (CLINICAL_TITLE, clinical_rows(loaded))):
+            if extra:
+                lines += ["", f"{title}:", "",
+                          "| " + " | ".join(extra[0]) + " |", "|" + "|".join("---" for _ in extra[0]) + "|"]
+                lines += ["| " + " | ".join(_fmt(r.get(k)) for k in extra[0]) + " |" for r in extra]
         return "\n".join(lines) + "\n"
     if format == "table":
         from rich.console import Console
@@ -185,6 +237,8 @@ def compare_runs(runs, *, format: str = "table", figure: str | Path | None = Non
         intervals = interval_rows(loaded)
         if intervals:
             console.print(_rich_table(intervals, title=INTERVALS_TITLE))
+        if clinical := clinical_rows(loaded):
+            console.print(_rich_table(clinical, title=CLINICAL_TITLE))
         for run in loaded:
             if "grid" in run.extra:
                 console.print(_grid_table(run))

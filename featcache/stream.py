@@ -35,7 +35,7 @@ from featcache.config import DEFAULT_STREAM_MEMORY_MIB, TrainConfig
 from featcache.head import (HeadFit, HeadSteps, epoch_record, finish_fit, head_steps, linear_from_params,
                             params_from_linear)
 from featcache.metrics import EpochRecord
-from featcache.plan import TrainPlan, check_config, make_plan, num_outputs_for
+from featcache.plan import TrainPlan, check_config, class_weights, make_plan, num_outputs_for
 from featcache.progress import progress_bar
 from featcache.standardize import as_features, blockwise_standardization, check_labels
 
@@ -152,7 +152,8 @@ def fit_streamed(reader: FeatureReader, *, config: TrainConfig, block_rows: int,
 
     num_outputs = num_outputs_for(len(class_names))
     plan = make_plan(n_train=n_train, feature_dim=dim, num_outputs=num_outputs, config=config)
-    steps = head_steps(num_outputs=num_outputs, config=config)
+    steps = head_steps(num_outputs=num_outputs, config=config, class_weights=class_weights(
+        labels=reader.labels("train"), num_classes=len(class_names), spec=config.class_weight))
     carry = steps.init(params_from_linear(plan.weight, plan.bias))
     t1 = time.perf_counter()
     programs, val_program = _compile(steps, carry, n_train=n_train, block_rows=block_rows, batch_size=s, dim=dim,

@@ -32,7 +32,7 @@ from featcache.config import TrainConfig
 from featcache.errors import UserError
 from featcache.head import HeadFit, fit_from_outputs, padded_batches, params_from_linear, prepare_data, training_program
 from featcache.metrics import Interval, mean_interval
-from featcache.plan import TrainPlan, make_plan, num_outputs_for
+from featcache.plan import TrainPlan, class_weights, make_plan, num_outputs_for
 from featcache.standardize import Arrays, HeadData
 
 
@@ -100,15 +100,17 @@ def _unique(name: str, values: Sequence) -> tuple:
     return values
 
 
-def grid_program(*, num_outputs: int, num_pairs: int, config: TrainConfig) -> Callable:
+def grid_program(*, num_outputs: int, num_pairs: int, config: TrainConfig,
+                 class_weights: np.ndarray | None = None) -> Callable:
     """jit(vmap over seeds (head.training_program with the H (lr, wd) pairs as heads side by side)).
 
     Returns:
         program(params: kernel (R, D, H*K), bias (R, H*K), x_train (N, D) f32, y_train (N,) i32,
         x_val (Nv, D) f32, idx (R, E, B, S) i32, mask (E, B, S) f32, lrs (E, H) f32,
         weight_decays (H,) f32) -> the multi-head outputs of training_program with a leading R axis.
+        class_weights: (C,) of plan.class_weights or None, for every head (head.masked_loss).
     """
-    heads = training_program(num_outputs=num_outputs, config=config, heads=num_pairs)
+    heads = training_program(num_outputs=num_outputs, config=config, heads=num_pairs, class_weights=class_weights)
     return jax.jit(jax.vmap(heads, in_axes=(0, None, None, None, 0, None, None, None)))
 
 
@@ -172,7 +174,9 @@ def fit_grid(train: Arrays, val: Arrays, test: Arrays, *, num_classes: int, conf
     plans, args = grid_arguments(data, num_outputs=num_outputs, config=config, pairs=pairs, seeds=seeds)
 
     t0 = time.perf_counter()
-    compiled = grid_program(num_outputs=num_outputs, num_pairs=len(pairs), config=config).lower(*args).compile()
+    weights = class_weights(labels=data.y_train, num_classes=num_classes, spec=config.class_weight)
+    compiled = grid_program(num_outputs=num_outputs, num_pairs=len(pairs), config=config,
+                            class_weights=weights).lower(*args).compile()
     t1 = time.perf_counter()
     outs = jax.tree.map(np.asarray, jax.block_until_ready(compiled(*args)))
     t2 = time.perf_counter()

@@ -150,13 +150,14 @@ def _option_defaults(command: str, sources) -> dict[str, tuple]:
 
 DATA = ["val_fraction", "test_fraction", "split_seed", "group_by", "verify_content"]
 TRAIN = ["epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "scheduler", "seed",
-         "runs_dir"]
+         "runs_dir", "class_weight", "operating_point", "bootstrap"]
 OPTION_SOURCES = {  # command: (config sources, the options that must be found in them)
     "extract": (["ExtractConfig", "DataConfig"], DATA + ["strict", "weights", "image_size", "dtype", "cache_dir",
                                                          "batch_size", "num_workers", "device", "amp", "wait"]),
     "finetune": (["TrainConfig", "FinetuneConfig", "DataConfig"],
                  DATA + TRAIN + ["strict", "weights", "image_size", "augment", "freeze_backbone", "amp", "device",
                                  "num_workers", "cache_dir"]),
+    "compare": (["CompareConfig"], ["bootstrap", "seed", "figure"]),
     "bench": (["BenchConfig"], ["models", "data", "epochs", "image_size", "batch_size", "weights", "device",
                                 "repeat", "quick", "finetune", "scale_factors", "scale_epochs", "out", "work_dir"]),
     "demo": (["run_demo"], ["model", "weights", "image_size", "epochs", "finetune_epochs", "lr", "cache_dir",

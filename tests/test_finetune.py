@@ -180,6 +180,66 @@ def test_frozen_loop_leaves_backbone_and_batchnorm_statistics_untouched(parity_r
     assert not np.allclose(ckpt["state_dict"]["head.weight"].numpy(), plan.weight)
 
 
+# ---------------------------------------------------------------- parity with --class-weight balanced
+
+# an imbalanced dataset: the demo with class 1 keeping only 4 of its 12 train images (and one class of 3)
+WEIGHTED = {
+    "resnet18-2c-sgd-balanced": ("resnet18", 2, dict(optimizer="sgd", lr=0.5, batch_size=8)),
+    "resnet18-3c-adam-balanced": ("resnet18", 3, dict(optimizer="adam", lr=0.05, batch_size=8)),
+}
+KEPT_OF_CLASS_1 = 4
+
+
+@pytest.fixture(scope="module")
+def imbalanced(work, datasets) -> dict[int, Path]:
+    """The demo datasets with class 1's train images cut to KEPT_OF_CLASS_1 (a copy, not a demo folder)."""
+    import shutil
+
+    out = {}
+    for c, root in datasets.items():
+        dest = work / f"imbalanced{c}"
+        shutil.copytree(root, dest, ignore=shutil.ignore_patterns(".featcache-demo.json"))
+        class_1 = sorted(p for p in (dest / "train").iterdir() if p.is_dir())[1]
+        for image in sorted(class_1.iterdir())[KEPT_OF_CLASS_1:]:
+            image.unlink()
+        out[c] = dest
+    return out
+
+
+@pytest.mark.parametrize("case", list(WEIGHTED))
+def test_parity_holds_with_class_weight_balanced(case, work, imbalanced, weights):
+    model, classes, options = WEIGHTED[case]
+    common = dict(model=model, data=str(imbalanced[classes]), weights=weights[model], image_size=SIZE, num_workers=0)
+    cache = featcache.extract(**common, cache_dir=str(work / "cache"))
+    runs_dir = str(work / "weighted" / case)
+    head = featcache.train_head(cache=cache, epochs=EPOCHS, runs_dir=runs_dir, class_weight="balanced", **options)
+    frozen = featcache.finetune(**common, freeze_backbone=True, epochs=EPOCHS, runs_dir=runs_dir,
+                                cache_dir=str(work / "cache"), class_weight="balanced", **options)
+    plain = featcache.train_head(cache=cache, epochs=EPOCHS, runs_dir=runs_dir, **options)
+    assert not head.diverged and not frozen.diverged
+    h, f = ([r.to_dict() for r in run.history] for run in (head, frozen))
+    _assert_same_history(h, f)
+    hs, fs = head.summary, frozen.summary
+    assert (hs.selected_epoch, hs.best_val_acc, hs.test_acc) == (fs.selected_epoch, fs.best_val_acc, fs.test_acc)
+    assert hs.test_loss == pytest.approx(fs.test_loss, abs=LOSS_TOL)
+    print(f"{case}: max |loss diff| over epochs {_max_loss_diff(h, f):.3g}")
+    # the weights are the train split's balanced ones, recorded alike in both runs, and they change the training
+    n = N_PER_CLASS[0] * (classes - 1) + KEPT_OF_CLASS_1
+    counts = [N_PER_CLASS[0], KEPT_OF_CLASS_1] + [N_PER_CLASS[0]] * (classes - 2)
+    expected = [n / (classes * k) for k in counts]
+    for run in (head, frozen):
+        assert run.config.class_weight == "balanced"
+        assert run.extra["clinical"]["class_weight"]["weights"] == pytest.approx(expected, rel=1e-12)
+    assert abs(plain.history[0].train_loss - head.history[0].train_loss) > 1e-3
+    # val loss is the plain unweighted mean in both (metrics.evaluate)
+    assert f[-1]["val_loss"] == pytest.approx(h[-1]["val_loss"], abs=LOSS_TOL)
+    # both runs stored their test rows by image path: the two modes compare paired, with the same test metrics
+    paired = featcache.compare(head.run_dir, frozen.run_dir, bootstrap=50)
+    assert paired.rows == N_PER_CLASS[2] * classes
+    assert paired.differences["accuracy"].point == 0.0
+    assert paired.values_a["auroc"] == pytest.approx(paired.values_b["auroc"], abs=1e-9)
+
+
 # ---------------------------------------------------------------- resume after SIGKILL (and the full fine-tune run)
 
 DRIVER = """\

@@ -61,7 +61,20 @@ def _expected(run_dir: Path) -> dict:
     solver = (doc.get("extra") or {}).get("solver")
     return {"model": doc["model"], "mode": f"{doc['mode']}/{solver}" if solver else doc["mode"],
             **{k: doc["summary"][k] for k in NUMBERS},
-            "selected_epoch": doc["summary"]["selected_epoch"], "diverged": doc["diverged"], "run_dir": str(run_dir)}
+            "selected_epoch": doc["summary"]["selected_epoch"], "diverged": doc["diverged"], "run_dir": str(run_dir),
+            **_expected_clinical(doc["extra"].get("clinical"))}
+
+
+def _expected_clinical(clinical: dict | None) -> dict:
+    """The clinical columns: test value and bootstrap interval of each metric, and ECE before/after temperature."""
+    if clinical is None:
+        return {}
+    out = {}
+    for key in ("balanced_accuracy", "auroc", "sensitivity", "specificity"):
+        if key in clinical["metrics"]:
+            interval = clinical["bootstrap"]["intervals"][key]
+            out.update({key: clinical["metrics"][key], f"{key}_low": interval["low"], f"{key}_high": interval["high"]})
+    return {**out, "ece": clinical["calibration"]["ece_before"], "ece_temperature": clinical["calibration"]["ece_after"]}
 
 
 def _report(args: list) -> tuple[str, str]:
