@@ -32,6 +32,7 @@ from featcache.config import TrainConfig
 from featcache.errors import UserError
 
 if TYPE_CHECKING:
+    import numpy as np
     from featcache.metrics import EpochRecord, RunSummary
     from featcache.runs import HeadWeights, RunResult
 

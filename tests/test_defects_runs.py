@@ -247,7 +247,8 @@ def test_run_files_honour_the_umask(umask, tmp_path):
     finally:
         os.umask(old)
     files = [p for p in run_dir.iterdir()] + [tmp_path / "predictions.csv"]
-    assert {p.name for p in run_dir.iterdir()} == {"head.npz", "history.csv", "curves.png", "metrics.json"}
+    assert {p.name for p in run_dir.iterdir()} == {"head.npz", "history.csv", "curves.png", "metrics.json",
+                                                 "test_logits.npz", "roc.png", "calibration.png"}
     for p in files:
         assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask, p
 

@@ -264,6 +264,8 @@ def _fake_cache(monkeypatch, data):
     package has its own tests)."""
     meta = dict(META, splits={s: len(y) for s, (_, y) in data.items()})
     monkeypatch.setattr(featcache.cache, "load_features", lambda path, split: (*data[split], dict(meta)))
+    monkeypatch.setattr(featcache.cache, "load_paths",
+                        lambda path, split: [f"{split}/{i}.png" for i in range(len(data[split][1]))])
     monkeypatch.setattr(featcache.cache, "load_splits",
                         lambda path, splits=tuple(data): (dict(meta), {s: tuple(data[s][:2]) for s in splits}))
     monkeypatch.setattr(featcache.cache, "read_meta", lambda path: dict(meta))
