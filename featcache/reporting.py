@@ -223,7 +223,8 @@ def compare_runs(runs, *, format: str = "table", figure: str | Path | None = Non
         lines = ["| " + " | ".join(HEADERS[c] for c in cols) + " |",
                  "|" + "|".join("---" if c in ("model", "mode") else "---:" for c in cols) + "|"]
         lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
-        for title, extra in ((INTERVALS_TITLE, interval_rows(loaded)), (CLINICAL_TITLE, clinical_rows(loaded))):
+        for title, extra in ((INTERVALS_TITLE, interval_rows(loaded)), (CLINICAL_TITLE, clinical_rows(loaded)),
+                             (PAIRED_TITLE, paired_rows(loaded))):
             if extra:
                 lines += ["", f"{title}:", "",
                           "| " + " | ".join(extra[0]) + " |", "|" + "|".join("---" for _ in extra[0]) + "|"]
@@ -239,6 +240,8 @@ def compare_runs(runs, *, format: str = "table", figure: str | Path | None = Non
             console.print(_rich_table(intervals, title=INTERVALS_TITLE))
         if clinical := clinical_rows(loaded):
             console.print(_rich_table(clinical, title=CLINICAL_TITLE))
+        if paired := paired_rows(loaded):
+            console.print(_rich_table(paired, title=PAIRED_TITLE))
         for run in loaded:
             if "grid" in run.extra:
                 console.print(_grid_table(run))
@@ -341,3 +344,40 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return "nan" if v != v else f"{v:.4f}"
     return str(v)
+
+
+PAIRED_TITLE = "Paired against the best run on the same test images (95 % paired bootstrap interval of the difference)"
+PAIRED_RESAMPLES = 1000
+
+
+def paired_rows(loaded) -> list[dict]:
+    """Each run against the run of best test accuracy, paired on their shared test images (paired.compare_paired,
+    seed 0): the difference in test accuracy and AUROC, its interval and how often the best run wins. Runs
+    without test_logits.npz, or tested on other images or classes, are left out; fewer than two: no rows."""
+    from featcache.config import CompareConfig
+    from featcache.errors import UserError
+    from featcache.paired import compare_paired
+    from featcache.runs import TEST_LOGITS_FILE
+
+    scored = [r for r in loaded if (Path(r.run_dir) / TEST_LOGITS_FILE).is_file() and not r.diverged]
+    if len(scored) < 2:
+        return []
+    best = max(scored, key=lambda r: r.summary.test_acc)
+    rows = []
+    for run in scored:
+        if run is best:
+            continue
+        try:
+            result = compare_paired(best.run_dir, run.run_dir, config=CompareConfig(bootstrap=PAIRED_RESAMPLES))
+        except UserError:  # another test set, other classes: nothing to pair
+            continue
+        row = {"best run": Path(best.run_dir).name, "run": Path(run.run_dir).name}
+        for name in ("accuracy", "auroc"):
+            d = result.differences.get(name)
+            if d is None or d.point is None:
+                continue
+            interval = "" if d.low is None else f" [{d.low:+.4f}, {d.high:+.4f}]"
+            row[f"{name} best - run"] = f"{d.point:+.4f}{interval}"
+            row[f"best wins ({name})"] = None if d.a_wins is None else round(d.a_wins, 3)
+        rows.append(row)
+    return rows

@@ -108,3 +108,17 @@ def test_a_run_without_test_logits_is_a_user_error(two_runs, tmp_path):
     (bare / runs.METRICS_FILE).write_bytes((b / runs.METRICS_FILE).read_bytes())
     out = CliRunner().invoke(cli, ["compare", str(a), str(bare)])
     assert out.exit_code == 2 and runs.TEST_LOGITS_FILE in out.output and "Traceback" not in out.output
+
+
+def test_report_pairs_runs_that_share_a_test_set(two_runs):
+    a, b, c = two_runs
+    out = CliRunner().invoke(cli, ["report", str(a), str(b), str(c), "--format", "markdown", "--figure", ""])
+    assert out.exit_code == 0, out.output
+    assert "Paired against the best run" in out.output
+    section = out.output.split("Paired against the best run")[1]
+    lines = [x for x in section.splitlines() if x.startswith(("| a | b |", "| b | a |", "| c |", "| a | c |"))]
+    assert len(lines) == 1  # a and b share a test set (one pair); c, another test set, is left out
+    best, other = lines[0].split(" | ")[0].strip("| "), lines[0].split(" | ")[1]
+    d = compare_paired(Path(a).parent / best, Path(a).parent / other,
+                       config=CompareConfig(bootstrap=1000)).differences["accuracy"]
+    assert f"{d.point:+.4f} [{d.low:+.4f}, {d.high:+.4f}]" in lines[0]
