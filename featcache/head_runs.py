@@ -3,11 +3,12 @@
 The solvers fit arrays and return what they fitted; none reads a cache file, creates a run directory or
 prints: featcache.head (the trained head, SGD/Adam), featcache.stream (the same head with the train rows
 read from the file block by block), featcache.sweep (a grid of heads in one program), featcache.ridge
-(closed-form ridge). This module does the rest, once for all of them:
+(closed-form ridge), featcache.lbfgs (logistic regression over a C grid), featcache.knn (cosine k-NN),
+featcache.fewshot (either probe on few-shot draws). This module does the rest, once for all of them:
 
     head_train      the library function of `featcache head-train`, api.train_head, api.train_grid and
                     api.train_ridge: checks which options combine, then calls one of
-    train_head / train_grid / train_ridge
+    train_head / train_grid / train_ridge / train_lbfgs / train_knn / train_fewshot
                     load the splits (load_splits), fit, write the run (write_head_run)
     write_head_run  the run directory of any solver's fit: head.npz (when the fit is a linear head),
                     history.csv (when it has epochs), its figures, metrics.json last

@@ -106,7 +106,8 @@ def print_summary(run) -> None:
         console.print("[bold red]diverged[/]: the run stopped early; see metrics.json")
     for table in _extra_tables(run):
         console.print(table)
-    console.print(f"run: {run.run_dir}  (curves: {Path(run.run_dir) / 'curves.png'})")
+    curves = Path(run.run_dir) / "curves.png"
+    console.print(f"run: {run.run_dir}" + (f"  (curves: {curves})" if curves.is_file() else ""))
 
 
 def compare_runs(runs, *, format: str = "table", figure: str | Path | None = None) -> str:
