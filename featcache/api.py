@@ -59,19 +59,28 @@ def load_features(path: str | Path, split: str):
     return _load(path, split)
 
 
-def train_head(*, cache: str | Path, run_name: str | None = None, progress: bool = False, stream: bool | None = None,
-               stream_memory_mib: int | None = None, **options):
-    """Train the linear head (JAX) on a cache file; options are TrainConfig fields. Returns a RunResult.
+def train_head(*, cache: str | Path, solver: str = "sgd", cs=None, ks=None, temperature: float | None = None,
+               shots=None, draws: int | None = None, run_name: str | None = None, progress: bool = False,
+               stream: bool | None = None, stream_memory_mib: int | None = None, **options):
+    """Train a head (JAX) on a cache file with one solver; options are TrainConfig fields. Returns a RunResult.
 
+    solver: "sgd" (the trained head), "ridge", "lbfgs" (logistic regression over the C grid cs, None = 32
+    values 1e-6 ... 1e6, C selected on val; head.npz exportable) or "knn" (cosine k-NN over the k values ks,
+    votes exp(sim / temperature), k selected on val; no head.npz).
+    shots: few-shot K values with solver "lbfgs" or "knn": `draws` (None = 5) draws of K train rows per class,
+    seeded by options["seed"]; returns a list, one RunResult per K (mean ± 95 % interval over draws in
+    extra["fewshot"]).
     stream=True reads the train rows from the file block by block (caches larger than memory; the same
-    results); None streams only when loading would not fit in the memory available.
+    results; sgd and knn); None streams only when loading would not fit in the memory available.
+    Options that do not combine are the command's one-sentence UserErrors.
     """
     from featcache.config import TrainConfig
     from featcache.head_runs import head_train
 
     config = TrainConfig(**_split_kwargs(TrainConfig, options))
     _reject_unknown(options)
-    return head_train(cache=cache, config=config, run_name=run_name, progress=progress, stream=stream,
+    return head_train(cache=cache, config=config, solver=solver, cs=cs, ks=ks, temperature=temperature,
+                      shots=shots, draws=draws, run_name=run_name, progress=progress, stream=stream,
                       stream_memory_mib=stream_memory_mib)
 
 

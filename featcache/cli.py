@@ -438,9 +438,23 @@ from featcache.head_runs import DEFAULT_SOLVER, SOLVER_ALIASES, SOLVERS  # noqa:
               help="Train every setting with K seeds (--seed, --seed+1, ...) and report mean ± 95 % CI.")
 @click.option("--solver", type=click.Choice([*SOLVERS, *SOLVER_ALIASES]), default=DEFAULT_SOLVER, show_default=True,
               help="sgd: the trained head (--optimizer sgd|adam|adamw; 'optax' is its old name); "
-                   "ridge: closed-form ridge regression on one-hot targets.")
+                   "ridge: closed-form ridge regression on one-hot targets; lbfgs: logistic regression by L-BFGS, "
+                   "C selected on val; knn: cosine k-NN votes, k selected on val (no linear head).")
 @click.option("--l2", "l2s", type=FloatList(), default=None, metavar="X[,X...]",
               help="--solver ridge: the L2 strengths searched (selected on val).  [default: 2^-10 ... 2^20]")
+@click.option("--C", "cs", type=FloatList(), default=None, metavar="X[,X...]",
+              help="--solver lbfgs: the inverse L2 strengths C fitted in one program (selected on val).  "
+                   "[default: 32 values log-spaced over 1e-6 ... 1e6]")
+@click.option("--k", "ks", type=CommaList(int), default=None, metavar="K[,K...]",
+              help="--solver knn: the neighbour counts scored in one pass (selected on val).  "
+                   "[default: 10,20,100,200, clipped to the train rows]")
+@click.option("--temperature", type=float, default=None,
+              help="--solver knn: votes weigh exp(similarity / T).  [default: 0.07]")
+@click.option("--shots", type=CommaList(int), default=None, metavar="K[,K...]",
+              help="Few-shot (--solver lbfgs or knn): K train images per class, drawn --draws times (seeded by "
+                   "--seed), all in one program; one run per K with mean ± 95 % interval over the draws.")
+@click.option("--draws", type=click.IntRange(1), default=None,
+              help="With --shots: draws per K.  [default: 5]")
 @click.option("--standardize", is_flag=True, default=TrainConfig.standardize,
               help="Z-score features with the train mean/std (stored in head.npz).")
 @click.option("--stream/--no-stream", default=None,
@@ -452,7 +466,8 @@ from featcache.head_runs import DEFAULT_SOLVER, SOLVER_ALIASES, SOLVERS  # noqa:
                    f"[default: {DEFAULT_STREAM_MEMORY_MIB}, or a quarter of the memory available when less]")
 @click.option("--run-name", default=None, help="Run directory name (default <time>-head-<model>).")
 def head_train(cache_file, model, data, val_fraction, test_fraction, split_seed, group_by, weights, image_size, dtype,
-               cache_dir, seeds, solver, l2s, standardize, stream, stream_memory, run_name, **kwargs):
+               cache_dir, seeds, solver, l2s, cs, ks, temperature, shots, draws, standardize, stream, stream_memory,
+               run_name, **kwargs):
     """Train the linear head in JAX on cached features: all epochs in one compiled program.
 
     Comma lists in --lr / --weight-decay and --seeds K train the whole grid (lr x wd x seed) as
@@ -469,6 +484,9 @@ def head_train(cache_file, model, data, val_fraction, test_fraction, split_seed,
       featcache head-train --model resnet18 --data demo --weights none --image-size 64 --epochs 30
       featcache head-train --cache FILE --lr 1e-4,1e-3,1e-2 --weight-decay 0,1e-4,1e-3 --seeds 5
       featcache head-train --cache FILE --solver ridge --standardize
+      featcache head-train --cache FILE --solver lbfgs --C 0.01,0.1,1,10,100
+      featcache head-train --cache FILE --solver knn --k 10,20
+      featcache head-train --cache FILE --solver lbfgs --shots 1,5 --draws 10
       featcache head-train --cache FILE --stream --stream-memory 2048
     """
     from featcache.errors import DivergedError
@@ -485,9 +503,11 @@ def head_train(cache_file, model, data, val_fraction, test_fraction, split_seed,
                                                          verify_content=verify_content),
                                  weights=weights, image_size=image_size, dtype=dtype, cache_dir=cache_dir)
     result = run_head_train(cache=cache_file, config=config, solver=solver, lrs=lrs, weight_decays=weight_decays,
-                            seeds=seeds, l2s=l2s, stream=stream, stream_memory_mib=stream_memory, run_name=run_name)
-    print_summary(result)
-    if result.diverged:
+                            seeds=seeds, l2s=l2s, cs=cs, ks=ks, temperature=temperature, shots=shots, draws=draws,
+                            stream=stream, stream_memory_mib=stream_memory, run_name=run_name)
+    for one in result if isinstance(result, list) else [result]:  # a list: one few-shot run per K
+        print_summary(one)
+    if not isinstance(result, list) and result.diverged:
         raise DivergedError(diverged_message(result))
 
 

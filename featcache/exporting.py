@@ -222,6 +222,10 @@ def _from_head_run(run: runs.RunResult, *, weights: str | None,
     from featcache.cache import read_meta
 
     head_file = run.run_dir / runs.HEAD_FILE
+    solver = str(run.extra.get("solver") or "")
+    if "knn" in solver or "-shot-" in solver:
+        raise UserError(f"{run.run_dir} is a {solver} probe run, which has no linear head to export (k-NN keeps the "
+                        "train features, few-shot runs many draws); export a --solver sgd, ridge or lbfgs run.")
     if not head_file.is_file():
         raise UserError(f"{run.run_dir} has no {runs.HEAD_FILE}, so there is no trained head to export; "
                         "train one with featcache head-train.")

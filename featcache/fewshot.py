@@ -75,6 +75,7 @@ class ShotResult:
     selected: np.ndarray  # (R,) the C (lbfgs) or k (knn) each draw selected on val
     val_acc: np.ndarray  # (R,) at the selected C / k
     summaries: list[RunSummary]  # (R,) test scores of each draw's probe
+    test_scores: np.ndarray  # (R, N_test, K) float each draw's test logits (lbfgs) or vote scores (knn)
     test_acc: Interval  # mean and 95 % t-interval over the draws
     balanced_accuracy: Interval
 
@@ -101,8 +102,9 @@ class FewShotFit:
 
 
 def _result(shots: int, rows: np.ndarray, selected: np.ndarray, val_acc: np.ndarray,
-            summaries: list[RunSummary]) -> ShotResult:
+            summaries: list[RunSummary], test_scores: list[np.ndarray]) -> ShotResult:
     return ShotResult(shots=shots, rows=rows, selected=selected, val_acc=val_acc, summaries=summaries,
+                      test_scores=np.stack(test_scores),
                       test_acc=mean_interval([s.test_acc for s in summaries]),
                       balanced_accuracy=mean_interval([s.balanced_accuracy for s in summaries]))
 
@@ -189,14 +191,15 @@ def fewshot_lbfgs(train: Arrays, val: Arrays, test: Arrays, *, num_classes: int,
         summaries = [_summary([dataclasses.replace(rec, epoch=1, seconds=seconds)], logits, y_test, names, seconds)
                      for _, rec, logits in mine]
         results.append(_result(k, r, np.array([m[0] for m in mine]), np.array([m[1].val_acc for m in mine]),
-                               summaries))
+                               summaries, [m[2] for m in mine]))
     return FewShotFit(solver="lbfgs", seed=seed, results=results, timings={**timings, "seconds": seconds})
 
 
 def _knn_draw(labels: np.ndarray, sims: np.ndarray, *, ks: tuple[int, ...], y_val: np.ndarray, y_test: np.ndarray,
               num_classes: int, temperature: float | None, names: list[str], seconds: float
-              ) -> tuple[int, float, RunSummary]:
-    """One draw's k-NN probe from its neighbours (val rows, then test rows): (selected k, its val acc, test summary).
+              ) -> tuple[int, float, RunSummary, np.ndarray]:
+    """One draw's k-NN probe from its neighbours (val rows, then test rows): (selected k, its val acc, test summary,
+    test scores (N_test, K)).
 
     labels / sims (Q, k_max): classes and similarities of each query's nearest rows of the draw, nearest first.
     """
@@ -208,8 +211,9 @@ def _knn_draw(labels: np.ndarray, sims: np.ndarray, *, ks: tuple[int, ...], y_va
     nan = float("nan")
     record = EpochRecord(epoch=1, lr=nan, train_loss=nan, train_acc=nan, val_loss=nan, val_acc=float(acc[i, 0]),
                          seconds=seconds)
-    summary = _summary([record], knn.head_scores(shares, num_classes), y_test, names, seconds)
-    return ks[i], float(acc[i, 0]), dataclasses.replace(summary, test_loss=nan)
+    scores = knn.head_scores(shares, num_classes)
+    summary = _summary([record], scores, y_test, names, seconds)
+    return ks[i], float(acc[i, 0]), dataclasses.replace(summary, test_loss=nan), scores
 
 
 def _search_draws(x_train: np.ndarray, rows: np.ndarray, mask: np.ndarray, queries: np.ndarray, k: int
@@ -257,6 +261,6 @@ def fewshot_knn(train: Arrays, val: Arrays, test: Arrays, *, num_classes: int, s
                                num_classes=num_classes, temperature=temperature, names=names, seconds=search_s)
                      for p in range(s * draws, (s + 1) * draws)]
         results.append(_result(k, r, np.array([d[0] for d in draws_out]), np.array([d[1] for d in draws_out]),
-                               [d[2] for d in draws_out]))
+                               [d[2] for d in draws_out], [d[3] for d in draws_out]))
     return FewShotFit(solver="knn", seed=seed, results=results,
                       timings={"search_s": search_s, "seconds": time.perf_counter() - t0})

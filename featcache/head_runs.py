@@ -3,11 +3,12 @@
 The solvers fit arrays and return what they fitted; none reads a cache file, creates a run directory or
 prints: featcache.head (the trained head, SGD/Adam), featcache.stream (the same head with the train rows
 read from the file block by block), featcache.sweep (a grid of heads in one program), featcache.ridge
-(closed-form ridge). This module does the rest, once for all of them:
+(closed-form ridge), featcache.lbfgs (logistic regression over a C grid), featcache.knn (cosine k-NN),
+featcache.fewshot (either probe on few-shot draws). This module does the rest, once for all of them:
 
     head_train      the library function of `featcache head-train`, api.train_head, api.train_grid and
                     api.train_ridge: checks which options combine, then calls one of
-    train_head / train_grid / train_ridge
+    train_head / train_grid / train_ridge / train_lbfgs / train_knn / train_fewshot
                     load the splits (load_splits), fit, write the run (write_head_run)
     write_head_run  the run directory of any solver's fit: head.npz (when the fit is a linear head),
                     history.csv (when it has epochs), its figures, metrics.json last
@@ -36,7 +37,10 @@ if TYPE_CHECKING:
     from featcache.metrics import EpochRecord, RunSummary
     from featcache.runs import HeadWeights, RunResult
 
-SOLVERS = ("sgd", "ridge")  # sgd: the trained head (--optimizer sgd|adam|adamw); ridge: closed-form ridge
+SOLVERS = ("sgd", "ridge", "lbfgs", "knn")  # sgd: the trained head (--optimizer sgd|adam|adamw); ridge: closed-form
+# ridge; lbfgs: logistic regression by L-BFGS over a C grid; knn: cosine k-NN (no linear head)
+FEWSHOT_SOLVERS = ("lbfgs", "knn")  # the solvers --shots draws for
+DEFAULT_DRAWS = 5  # few-shot draws per K when --draws is not given
 SOLVER_ALIASES = {"optax": "sgd"}  # earlier names, still accepted
 DEFAULT_SOLVER = "sgd"
 
@@ -54,8 +58,10 @@ def solver_name(solver: str) -> str:
 def head_train(*, cache: str | Path, config: TrainConfig, solver: str = DEFAULT_SOLVER,
                lrs: Sequence[float] | None = None, weight_decays: Sequence[float] | None = None,
                seeds: int | Sequence[int] = 1, grid: bool = False, l2s: Sequence[float] | None = None,
+               cs: Sequence[float] | None = None, ks: Sequence[int] | None = None,
+               temperature: float | None = None, shots: Sequence[int] | None = None, draws: int | None = None,
                stream: bool | None = None, stream_memory_mib: int | None = None, run_name: str | None = None,
-               progress: bool = True) -> RunResult:
+               progress: bool = True) -> RunResult | list[RunResult]:
     """Fit head-train's solver on a cache and write its run directory: what `featcache head-train` does.
 
     Args:
@@ -67,15 +73,20 @@ def head_train(*, cache: str | Path, config: TrainConfig, solver: str = DEFAULT_
         grid: True = always train_grid, the grid's run (extra["grid"]), even of one lr, weight decay and seed.
             Otherwise more than one of any trains the grid (train_grid), one of each one head (train_head).
         l2s: ridge's L2 strengths (None = ridge.DEFAULT_L2S); only with solver "ridge".
+        cs: lbfgs's C grid (None = lbfgs.DEFAULT_CS, 32 values 1e-6 ... 1e6); only with solver "lbfgs".
+        ks: knn's k values (None = knn.DEFAULT_KS clipped to the train rows); only with solver "knn".
+        temperature: knn's vote temperature T (None = knn.TEMPERATURE, 0.07); only with solver "knn".
+        shots: few-shot K values (rows per class per draw), solver "lbfgs" or "knn": one run per K.
+        draws: few-shot draws per K (None = DEFAULT_DRAWS); only with shots.
         stream: True = read the train rows from the file block by block, False = load every split,
-            None = stream only when loading would not fit in memory; only one sgd head streams.
+            None = stream only when loading would not fit in memory; one sgd head and knn stream.
         stream_memory_mib: memory for the streamed blocks (None = stream.block_memory_mib).
         run_name: the run directory's name; None = `<time>-head-<model>`.
         progress: one line per phase on stderr (and a progress bar when streaming).
 
     Returns:
-        The RunResult of the run written. Options that do not combine are one-sentence UserErrors,
-        raised before the cache is read.
+        The RunResult of the run written; with shots, one RunResult per K (a list, K ascending). Options
+        that do not combine are one-sentence UserErrors, raised before the cache is read.
     """
     solver = solver_name(solver)
     lrs = [config.lr] if lrs is None else [float(v) for v in lrs]
@@ -83,10 +94,19 @@ def head_train(*, cache: str | Path, config: TrainConfig, solver: str = DEFAULT_
     seed_list = (list(range(config.seed, config.seed + seeds)) if isinstance(seeds, int)
                  else [int(s) for s in seeds])
     grid = grid or (len(lrs), len(weight_decays), len(seed_list)) != (1, 1, 1)  # an empty list: the grid says so
-    check_combination(solver=solver, grid=grid, stream=stream, l2s=l2s)
+    check_combination(solver=solver, grid=grid, stream=stream, l2s=l2s, cs=cs, ks=ks, temperature=temperature,
+                      shots=shots, draws=draws)
     from featcache.runs import check_report_options
-
-    check_report_options(config)
+    check_report_options(config)  # --class-weight, --operating-point, --bootstrap: before any loading
+    if shots is not None:
+        return train_fewshot(cache=cache, config=config, solver=solver, shots=shots,
+                             draws=DEFAULT_DRAWS if draws is None else draws, cs=cs, ks=ks, temperature=temperature,
+                             run_name=run_name, progress=progress)
+    if solver == "lbfgs":
+        return train_lbfgs(cache=cache, config=config, cs=cs, run_name=run_name, progress=progress)
+    if solver == "knn":
+        return train_knn(cache=cache, config=config, ks=ks, temperature=temperature, stream=stream,
+                         stream_memory_mib=stream_memory_mib, run_name=run_name, progress=progress)
     if solver == "ridge":
         return train_ridge(cache=cache, config=config, l2s=l2s, run_name=run_name, progress=progress)
     if grid:
@@ -97,20 +117,33 @@ def head_train(*, cache: str | Path, config: TrainConfig, solver: str = DEFAULT_
                       stream_memory_mib=stream_memory_mib)
 
 
-def check_combination(*, solver: str, grid: bool, stream: bool | None, l2s: Sequence[float] | None) -> None:
+def check_combination(*, solver: str, grid: bool, stream: bool | None, l2s: Sequence[float] | None,
+                      cs: Sequence[float] | None = None, ks: Sequence[int] | None = None,
+                      temperature: float | None = None, shots: Sequence[int] | None = None,
+                      draws: int | None = None) -> None:
     """A one-sentence UserError when head-train's options do not combine.
 
     solver: a name in SOLVERS; grid: more than one lr, weight decay or seed asked for (or the grid's run);
-    stream and l2s: as given to head_train.
+    the others as given to head_train.
     """
-    if stream and (grid or solver != "sgd"):
-        raise UserError("--stream trains one head with --solver sgd (the grid and ridge load the cache whole); "
-                        "drop --stream, or the --lr/--weight-decay lists, --seeds and --solver ridge.")
-    if l2s is not None and solver != "ridge":
-        raise UserError("--l2 sets the strengths of --solver ridge; add --solver ridge or drop --l2.")
-    if solver == "ridge" and grid:
-        raise UserError("--solver ridge is deterministic and searches --l2; drop the --lr/--weight-decay lists "
-                        "and --seeds.")
+    if stream and (grid or solver not in ("sgd", "knn") or shots is not None):
+        raise UserError("--stream trains one head with --solver sgd or searches --solver knn's neighbours block by "
+                        "block (the grid, ridge, lbfgs and --shots load the cache whole); drop --stream, or the "
+                        "--lr/--weight-decay lists, --seeds and --shots, or use --solver sgd or knn.")
+    for given, option, owner, what in ((l2s, "--l2", "ridge", "the strengths"), (cs, "--C", "lbfgs", "the C grid"),
+                                       (ks, "--k", "knn", "the k values"), (temperature, "--temperature", "knn",
+                                                                           "the vote temperature")):
+        if given is not None and solver != owner:
+            raise UserError(f"{option} sets {what} of --solver {owner}; add --solver {owner} or drop {option}.")
+    if shots is not None and solver not in FEWSHOT_SOLVERS:
+        raise UserError(f"--shots draws few-shot train sets for --solver lbfgs or knn, not {solver}; "
+                        "add --solver lbfgs or --solver knn, or drop --shots.")
+    if draws is not None and shots is None:
+        raise UserError("--draws sets how many few-shot draws each --shots K gets; add --shots or drop --draws.")
+    if solver != "sgd" and grid:
+        searched = {"ridge": "--l2", "lbfgs": "--C", "knn": "--k"}[solver]
+        raise UserError(f"--solver {solver} is deterministic and searches {searched}; drop the --lr/--weight-decay "
+                        "lists and --seeds.")
 
 
 # --------------------------------------------------------------------------- one solver each
@@ -265,6 +298,178 @@ def train_ridge(*, cache: str | Path, config: TrainConfig, l2s: Sequence[float] 
                           timings={"load_s": data.load_s, "train_s": fit.seconds}, history=fit.history,
                           head=fit.head_weights, figures=curves, solver="ridge", extra={"ridge": fit.to_dict()},
                           run_name=run_name, progress=progress, splits=data)
+
+
+def train_lbfgs(*, cache: str | Path, config: TrainConfig, cs: Sequence[float] | None = None,
+                run_name: str | None = None, progress: bool = True) -> RunResult:
+    """Fit the L-BFGS logistic-regression probe over a C grid (lbfgs.fit_lbfgs, one program), select C on val,
+    write its run directory (extra["solver"] = "lbfgs", extra["lbfgs"] = the whole grid, head.npz at the chosen C).
+
+    Args:
+        cache: a complete cache file written by `featcache extract`.
+        config: standardize and runs_dir are read (the trained head's settings do not apply and are stored as given).
+        cs: the C grid (> 0); None = lbfgs.DEFAULT_CS (32 values log-spaced over 1e-6 ... 1e6).
+        run_name, progress: as train_head.
+
+    Returns:
+        The RunResult; curves.png shows train and val accuracy against C, extra["lbfgs"]["note"] says when the
+        chosen C lies on the edge of the grid.
+    """
+    from featcache.lbfgs import DEFAULT_CS, fit_lbfgs
+    from featcache.plots import plot_accuracy_path
+    from featcache.runs import CURVES_FILE, HeadWeights
+
+    data = load_splits(cache, progress=progress)
+    fit = fit_lbfgs(*data.arrays, num_classes=len(data.class_names), cs=DEFAULT_CS if cs is None else cs,
+                    standardize=config.standardize, class_names=data.class_names)
+    _say(progress, f"L-BFGS: {len(fit.cs)} C values in one program, compiled in {fit.timings['compile_s']:.2f} s, "
+                   f"fitted in {fit.timings['fit_s']:.3f} s; selected C {fit.c:g} "
+                   f"(val acc {fit.path.val_acc[fit.selected]:.4f})")
+    record = fit.to_dict()
+    if fit.on_edge():
+        record["note"] = "The selected C lies on the edge of the grid; widen --C."
+        _say(progress, f"Note: {record['note']}")
+    curves = {CURVES_FILE: lambda path: plot_accuracy_path(
+        fit.cs, {"train acc": fit.path.train_acc, "val acc": fit.path.val_acc}, path,
+        run_title(data.meta, "L-BFGS probe"), name="C", description="the inverse L2 strength C",
+        axis_label="C (inverse L2 strength)", selected=fit.selected)}
+    head = HeadWeights(weight=fit.weight, bias=fit.bias, mean=fit.mean, std=fit.std)
+    return write_head_run(cache=cache, meta=data.meta, config=config, summary=fit.summary,
+                          timings={"load_s": data.load_s, "compile_s": fit.timings["compile_s"],
+                                   "train_s": fit.timings["fit_s"]}, history=fit.history, head=head,
+                          figures=curves, solver="lbfgs", extra={"lbfgs": record}, run_name=run_name,
+                          progress=progress)
+
+
+def train_knn(*, cache: str | Path, config: TrainConfig, ks: Sequence[int] | None = None,
+              temperature: float | None = None, stream: bool | None = None, stream_memory_mib: int | None = None,
+              run_name: str | None = None, progress: bool = True) -> RunResult:
+    """The cosine k-NN probe (knn.fit_knn), k selected on val; its run directory has no head.npz (not a linear
+    layer: export refuses it). extra["solver"] = "knn-k<chosen k>", extra["knn"] = every k's scores.
+
+    Args:
+        cache: a complete cache file written by `featcache extract`.
+        config: runs_dir is read (the rest is stored as given).
+        ks: the k values; None = knn.DEFAULT_KS clipped to the train rows.
+        temperature: T of the votes exp(sim / T); None = knn.TEMPERATURE (0.07).
+        stream: True = read the train rows from the file block by block (knn.reader_blocks; caches larger than
+            memory), False = load every split, None = stream only when loading would not fit in memory.
+        stream_memory_mib: memory for a train block (None = stream.block_memory_mib).
+        run_name, progress: as train_head.
+    """
+    from featcache import knn
+    from featcache.cache import read_meta
+
+    meta = read_meta(cache)
+    stream, memory_mib = _streaming(meta, stream=stream, memory_mib=stream_memory_mib, progress=progress)
+    temperature = knn.TEMPERATURE if temperature is None else float(temperature)
+    options = dict(num_classes=len(meta["class_names"]), ks=ks, temperature=temperature,
+                   class_names=[str(c) for c in meta["class_names"]])
+    if stream:
+        fit, load_s = _knn_streamed(cache, meta, memory_mib=memory_mib, options=options, progress=progress)
+    else:
+        data = load_splits(cache, meta=meta, progress=progress)
+        fit, load_s = knn.fit_knn(*data.arrays, **options), data.load_s
+    _say(progress, f"k-NN: {len(fit.ks)} k values from one search in {fit.timings['search_s']:.3f} s"
+                   f"{' (train rows streamed)' if stream else ''}; selected k {fit.k} "
+                   f"(val acc {fit.val_acc[fit.selected]:.4f})")
+    return write_head_run(cache=cache, meta=meta, config=config, summary=fit.summary,
+                          timings={"load_s": load_s, "train_s": fit.timings["seconds"]}, history=fit.history,
+                          solver=f"knn-k{fit.k}", extra={"knn": {**fit.to_dict(), "streamed": bool(stream)}},
+                          run_name=run_name, progress=progress)
+
+
+def _knn_streamed(cache: str | Path, meta: dict, *, memory_mib: int, options: dict, progress: bool):
+    """(KnnFit, load seconds) with val and test loaded and the train rows read block by block within memory_mib."""
+    from featcache.cache import FeatureReader, load_features
+    from featcache.knn import fit_knn, reader_blocks
+
+    t0 = time.perf_counter()
+    val, test = (load_features(cache, split)[:2] for split in ("val", "test"))
+    load_s = time.perf_counter() - t0
+    rows = _knn_block_rows(memory_mib, int(meta["feature_dim"]))
+    _say(progress, f"Reading the train rows from {cache} in blocks of {rows} rows")
+    with FeatureReader(cache) as reader:
+        rows = min(rows, reader.rows("train"))
+        fit = fit_knn((reader_blocks(reader, "train", rows), reader.labels("train")), val, test,
+                      train_block_rows=rows, **options)
+    return fit, load_s
+
+
+def _knn_block_rows(memory_mib: int, dim: int) -> int:
+    """Train rows per block read for k-NN: float32 rows of `dim` within memory_mib (at least one)."""
+    return max(1, memory_mib * 2 ** 20 // (4 * dim))
+
+
+def train_fewshot(*, cache: str | Path, config: TrainConfig, solver: str, shots: Sequence[int], draws: int,
+                  cs: Sequence[float] | None = None, ks: Sequence[int] | None = None,
+                  temperature: float | None = None, run_name: str | None = None,
+                  progress: bool = True) -> list[RunResult]:
+    """Few-shot probes: `draws` stratified draws of K train rows per class for every K of `shots`, the solver
+    ("lbfgs" or "knn") fitted on every draw in one program (fewshot.fewshot_lbfgs / fewshot_knn); one run
+    directory per K (extra["solver"] = "<K>-shot-<solver>", no head.npz).
+
+    Args:
+        cache: a complete cache file written by `featcache extract`.
+        config: seed (of the draws), standardize (lbfgs) and runs_dir are read.
+        solver: "lbfgs" or "knn".
+        shots, draws: the K values and the draws per K.
+        cs, ks, temperature: the solver's grid, as train_lbfgs / train_knn.
+        run_name: the run directory's name (with `-<K>shot` appended when several K); None = `<time>-head-<model>`.
+        progress: one line per phase on stderr.
+
+    Returns:
+        One RunResult per K, ascending. Its summary pools the draws' test predictions (accuracy and balanced
+        accuracy = their means over draws; the confusion matrix sums the draws'); extra["fewshot"] holds the
+        mean ± 95 % t-interval over draws, each draw's choice and scores and its train rows as image paths.
+    """
+    from featcache import fewshot
+    from featcache.cache import load_paths
+
+    data = load_splits(cache, progress=progress)
+    common = dict(num_classes=len(data.class_names), shots=shots, draws=draws, seed=config.seed,
+                  class_names=data.class_names)
+    if solver == "lbfgs":
+        from featcache.lbfgs import DEFAULT_CS
+
+        fit = fewshot.fewshot_lbfgs(*data.arrays, cs=DEFAULT_CS if cs is None else cs,
+                                    standardize=config.standardize, **common)
+    else:
+        from featcache.knn import TEMPERATURE
+
+        fit = fewshot.fewshot_knn(*data.arrays, ks=ks, temperature=TEMPERATURE if temperature is None
+                                  else float(temperature), **common)
+    paths = load_paths(cache, "train")
+    _say(progress, f"Few-shot {solver}: {len(fit.results)} K x {draws} draws in one program in "
+                   f"{fit.timings['seconds']:.2f} s")
+    results = []
+    for shot in fit.results:
+        name = run_name if run_name is None or len(fit.results) == 1 else f"{run_name}-{shot.shots}shot"
+        record = {**shot.to_dict(), "solver": solver, "seed": fit.seed,
+                  "train_paths": [[paths[i] for i in draw] for draw in shot.rows.tolist()]}
+        _say(progress, f"{shot.shots}-shot {solver}: test acc {shot.test_acc.mean:.4f} ± "
+                       f"{shot.test_acc.half_width:.4f} (95 % interval over {draws} draws)")
+        results.append(write_head_run(
+            cache=cache, meta=data.meta, config=config, summary=_pooled_summary(shot, data, fit.timings["seconds"]),
+            timings={"load_s": data.load_s, "train_s": fit.timings["seconds"]}, solver=f"{shot.shots}-shot-{solver}",
+            extra={"fewshot": record}, run_name=name, progress=progress))
+    return results
+
+
+def _pooled_summary(shot, data: CacheSplits, seconds: float) -> RunSummary:
+    """The run summary of one K: every draw's test predictions pooled (accuracies = means over the draws)."""
+    import numpy as np
+
+    from featcache.metrics import EpochRecord, summarize
+
+    nan = float("nan")
+    record = EpochRecord(epoch=1, lr=nan, train_loss=nan, train_acc=nan, val_loss=nan,
+                         val_acc=float(np.mean(shot.val_acc)), seconds=seconds)
+    y_test = np.asarray(data.test[1])
+    scores = shot.test_scores.reshape(-1, shot.test_scores.shape[-1])  # (R * N_test, K)
+    summary = summarize([record], 0, test_logits=scores, test_labels=np.tile(y_test, len(shot.rows)),
+                        class_names=data.class_names, train_seconds=seconds, diverged=False)
+    return dataclasses.replace(summary, test_loss=float(np.mean([s.test_loss for s in shot.summaries])))
 
 
 # --------------------------------------------------------------------------- what every solver shares

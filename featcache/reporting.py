@@ -66,8 +66,11 @@ def run_row(run) -> dict:
     row = {"model": run.model, "mode": mode, "train_loss": s.train_loss, "train_acc": s.train_acc,
            "best_val_loss": s.best_val_loss, "best_val_acc": s.best_val_acc, "test_acc": s.test_acc,
            "training_time": s.training_time}
-    if run.extra.get("solver") == "ridge":  # closed form: no loss of a likelihood, no epochs
+    solver = str(run.extra.get("solver") or "")
+    if solver == "ridge" or "knn" in solver:  # closed form / votes: no loss of a likelihood, no epochs
         row.update(train_loss=None, best_val_loss=None)
+    if "-shot-" in solver:  # few-shot: no train or val loss of one model
+        row.update(train_loss=None, train_acc=None, best_val_loss=None)
     row["selected_epoch"] = s.selected_epoch
     row["diverged"] = s.diverged
     row["run_dir"] = str(run.run_dir)
@@ -134,6 +137,19 @@ def print_summary(run) -> None:
     if "ridge" in run.extra:
         console.print(f"selected l2 {run.extra['ridge']['selected_l2']:g} (best val acc, ties to lower val MSE); "
                       f"balanced acc {s.balanced_accuracy:.4f}{auc}")
+    elif "lbfgs" in run.extra:
+        console.print(f"selected C {run.extra['lbfgs']['selected_c']:g} of {len(run.extra['lbfgs']['cs'])} (best "
+                      f"val acc, ties to lower val loss); test loss {s.test_loss:.4f}, balanced acc "
+                      f"{s.balanced_accuracy:.4f}{auc}")
+        if run.extra["lbfgs"].get("note"):
+            console.print(run.extra["lbfgs"]["note"])
+    elif "knn" in run.extra:
+        console.print(f"selected k {run.extra['knn']['selected_k']} of {run.extra['knn']['ks']} (best val acc, ties "
+                      f"to the smaller k); balanced acc {s.balanced_accuracy:.4f}{auc}")
+    elif "fewshot" in run.extra:
+        f = run.extra["fewshot"]
+        console.print(f"{f['shots']}-shot {f['solver']} over {f['draws']} draws (mean ± 95 % t-interval): test acc "
+                      f"{format_interval(f['test_acc'])}, balanced acc {format_interval(f['balanced_accuracy'])}")
     else:
         console.print(f"selected epoch {s.selected_epoch}/{s.epochs} (best val acc, ties to lower val loss); "
                       f"test loss {s.test_loss:.4f}, balanced acc {s.balanced_accuracy:.4f}{auc}")
@@ -143,7 +159,8 @@ def print_summary(run) -> None:
         console.print(table)
     if clinical := clinical_rows([run]):
         console.print(_rich_table(clinical, title=CLINICAL_TITLE))
-    console.print(f"run: {run.run_dir}  (curves: {Path(run.run_dir) / 'curves.png'})")
+    curves = Path(run.run_dir) / "curves.png"
+    console.print(f"run: {run.run_dir}" + (f"  (curves: {curves})" if curves.is_file() else ""))
 
 
 def collect_runs(paths, *, note: Callable[[str], object] | None = None) -> list:
@@ -277,7 +294,13 @@ def interval_rows(runs) -> list[dict]:
                          "best val acc": format_interval(st["best_val_acc"]),
                          "test acc": format_interval(st["test_acc"]), "from": f"grid run {Path(run.run_dir).name}"})
             continue
-        if run.extra.get("solver") == "ridge":
+        if "fewshot" in run.extra:
+            f = run.extra["fewshot"]
+            rows.append({"model": run.model, "mode": run_row(run)["mode"], "setting": f"{f['shots']} shots",
+                         "seeds": f["draws"], "best val acc": _mean_interval(f["val_acc"]),
+                         "test acc": format_interval(f["test_acc"]), "from": f"{f['draws']} draws, one run"})
+            continue
+        if run.extra.get("solver"):  # ridge, lbfgs, knn: deterministic, never grouped by seed
             continue
         config = dataclasses.asdict(run.config)
         config.pop("seed")

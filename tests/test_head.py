@@ -360,7 +360,7 @@ def test_head_train_refuses_options_that_do_not_combine_before_reading_the_cache
              (dict(l2s=[1.0]), "--l2 sets the strengths of --solver ridge"),
              (dict(solver="ridge", seeds=2), "--solver ridge is deterministic"),
              (dict(solver="ridge", weight_decays=[0.0, 0.1]), "--solver ridge is deterministic"),
-             (dict(solver="lasso"), "Unknown solver 'lasso'; choose one of sgd, ridge.")]
+             (dict(solver="lasso"), "Unknown solver 'lasso'; choose one of sgd, ridge, lbfgs, knn.")]
     for options, message in cases:
         with pytest.raises(UserError) as info:
             head_train(cache=missing, config=config, progress=False, **options)
