@@ -10,26 +10,15 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from featcache import cache
-from featcache.cli import cli
 from featcache.config import SPLITS
 from featcache.errors import CacheError
 
 from synthetic import gaussian_problem, write_cache
 
 
-def _invoke(*args, **kwargs):
-    return CliRunner().invoke(cli, [str(a) for a in args], **kwargs)
-
-
-def _one_error_line(result, code: int) -> str:
-    assert result.exit_code == code, result.output
-    assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output, result.output
-    lines = result.stderr.strip().splitlines()
-    assert [line for line in lines if line.startswith("Error: ")] == lines[-1:], result.stderr
-    return lines[-1]
+from cli_helpers import invoke as _invoke, one_error_line as _one_error_line  # noqa: E402
 
 
 def _cache(path: Path) -> Path:

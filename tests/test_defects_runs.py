@@ -12,10 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from featcache import metrics, runs
-from featcache.cli import cli
 from featcache.config import SPLITS, TrainConfig
 from featcache.errors import UserError
 from featcache.head_runs import diverged_message, train_head
@@ -25,16 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from synthetic import gaussian_problem, write_cache  # noqa: E402
 
 
-def _invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def _one_error_line(result, code: int) -> str:
-    assert result.exit_code == code, result.output
-    assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output, result.output
-    lines = result.stderr.strip().splitlines()
-    assert [line for line in lines if line.startswith("Error: ")] == lines[-1:], result.stderr
-    return lines[-1]
+from cli_helpers import invoke as _invoke, one_error_line as _one_error_line  # noqa: E402
 
 
 # --------------------------------------------------------------------------- 2: --standardize

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from featcache.cli import cli
 from featcache.demo import make_demo_dataset
@@ -34,17 +33,7 @@ FEATCACHE = Path(sys.executable).with_name("featcache")  # the console script of
 MODEL = ["--model", "resnet18", "--weights", "none", "--image-size", "32"]
 
 
-def _invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def _one_error_line(result, code: int) -> str:
-    """The single 'Error: ...' line of a failed command, its last line on stderr; no traceback."""
-    assert result.exit_code == code, result.output
-    assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output, result.output
-    lines = result.stderr.strip().splitlines()
-    assert [line for line in lines if line.startswith("Error: ")] == lines[-1:], result.stderr
-    return lines[-1]
+from cli_helpers import invoke as _invoke, one_error_line as _one_error_line  # noqa: E402
 
 
 @pytest.fixture(scope="module")

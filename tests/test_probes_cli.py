@@ -107,7 +107,7 @@ def test_every_probe_runs_from_the_cli_and_report_shows_them_side_by_side(work, 
     assert markdown.exit_code == 0, markdown.output
     shot = runs.load_run(cli_runs["shot"]).extra["fewshot"]
     interval = f"{shot['test_acc']['mean']:.4f} ± {shot['test_acc']['half_width']:.4f}"
-    assert f"| resnet18 | head/3-shot-lbfgs | 3 shots | 4 | " in markdown.output and interval in markdown.output
+    assert "| resnet18 | head/3-shot-lbfgs | 3 shots | 4 | " in markdown.output and interval in markdown.output
 
 
 def test_lbfgs_run_is_the_selected_c_head_and_exports(work, cache, cli_runs):

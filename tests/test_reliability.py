@@ -32,13 +32,11 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
 import featcache
 import featcache.finetuning
 from featcache import cache
-from featcache.cli import cli
 from featcache.config import SPLITS, DataConfig, ExtractConfig
 from featcache.demo import make_demo_dataset
 from featcache.extraction import plan_extraction
@@ -51,17 +49,7 @@ NOT_AN_IMAGE = "not a recognised image format"
 MODEL = ["--model", "resnet18", "--weights", "none", "--image-size", "32"]
 
 
-def _invoke(*args, **kwargs):
-    return CliRunner().invoke(cli, [str(a) for a in args], **kwargs)
-
-
-def _one_error_line(result, code: int) -> str:
-    """The single 'Error: ...' line of a failed command, its last line on stderr; no traceback."""
-    assert result.exit_code == code, result.output
-    assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output, result.output
-    lines = result.stderr.strip().splitlines()
-    assert [line for line in lines if line.startswith("Error: ")] == lines[-1:], result.stderr
-    return lines[-1]
+from cli_helpers import invoke as _invoke, one_error_line as _one_error_line  # noqa: E402
 
 
 def _extract(data: Path, cache_dir: Path, **options) -> Path:
@@ -267,7 +255,6 @@ else:  # the rename of the finished file (plain, or the copy without unreadable 
             die()
         return real_replace(src, dst)
     writer.os.replace = replace
-from featcache.cli import cli
 cli(sys.argv[2:], prog_name="featcache")
 """
 
