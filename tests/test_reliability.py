@@ -255,6 +255,7 @@ else:  # the rename of the finished file (plain, or the copy without unreadable 
             die()
         return real_replace(src, dst)
     writer.os.replace = replace
+from featcache.cli import cli
 cli(sys.argv[2:], prog_name="featcache")
 """
 
