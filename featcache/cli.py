@@ -628,7 +628,7 @@ from featcache.config import CompareConfig  # noqa: E402  (featcache compare)
 @click.argument("run_b", type=click.Path(file_okay=False))
 @config_option(CompareConfig, "bootstrap", type=click.IntRange(1),
                help="Stratified resamples (the same rows for A and B).")
-@config_option(CompareConfig, "seed", help="Seed of the resamples.")
+@config_option(CompareConfig, "seed", type=SEED, help="Seed of the resamples.")
 @click.option("--figure", type=click.Path(dir_okay=False), default=None,
               help="Write both runs' ROC curves to this PNG.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)

@@ -3,6 +3,8 @@ leave --runs-dir, file modes under the umask, report over a runs folder, the div
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import stat
@@ -310,8 +312,8 @@ def test_report_skips_unfinished_runs_and_files_and_takes_a_runs_folder(finished
     assert result.stderr.splitlines() == [
         f"Skipping {runs_dir / 'c-unfinished'}: an unfinished run (no metrics.json: still running, or stopped).",
         f"Skipping {runs_dir / 'demo-comparison.png'}: a file, not a run directory."]
-    rows = result.stdout.strip().splitlines()[1:]
-    assert [r.rsplit(",", 1)[1] for r in rows] == [str(runs_dir / "a-finished"), str(runs_dir / "b-finished")]
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert [r["run_dir"] for r in rows] == [str(runs_dir / "a-finished"), str(runs_dir / "b-finished")]
     folder = _invoke("report", runs_dir, "--format", "csv", "--figure", "")
     assert folder.exit_code == 0 and folder.stdout == result.stdout, folder.output
     assert folder.stderr.splitlines() == result.stderr.splitlines()[:1]
