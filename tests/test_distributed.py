@@ -3,7 +3,7 @@
 * extraction with 2 ranks writes the one-process cache (same key, path, row order, equal features);
 * a rank killed mid-extraction: the re-run redoes only its unfinished shard, and the cache is the same;
 * DDP fine-tuning with the frozen backbone reports the one-process metrics, also after torchrun
-  restarted the group from last.pt (--max-restarts);
+  restarted the group from last.pt (--max-restarts): one group run checks both;
 * the pieces without processes: the shard grid, the merge (with an unreadable image), the loss
   scale that makes DDP's gradient average the global batch's gradient, --nproc's checks and forwarding.
 
@@ -221,54 +221,51 @@ def _assert_same_report(got: dict, want: dict) -> None:
     assert len({h["val_acc"] for h in want["history"]}) > 1  # the head moves: not agreement of a constant model
 
 
-def test_ddp_frozen_finetune_reports_the_one_process_metrics(data, one_process_run, tmp_path):
-    done = _run([*FEATCACHE, "finetune", *FINETUNE_ARGS, "--data", data, "--runs-dir", tmp_path / "runs",
-                 "--nproc", 2])
-    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    assert done.stdout.count("epoch   1/3") == 1  # rank 0 reports, once
-    run_dir = _only_run_dir(tmp_path / "runs")  # only rank 0 wrote a run directory
-    for name in ("metrics.json", "history.csv", "head.npz", "best.pt", "last.pt", "finetune.json"):
-        assert (run_dir / name).is_file(), name
-    _assert_same_report(json.loads((run_dir / runs.METRICS_FILE).read_text()), one_process_run)
+# Loaded by every process of the run through PYTHONPATH (the workers start as `python -m featcache`, so no
+# driver script can wrap them): on the first attempt, rank 1 dies in the last epoch once last.pt is written.
+RESTART_SITE = """\
+import os
 
+if os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
+    import time
+    import torch
+    from featcache import finetuning as ft
 
-RESTART_DRIVER = """\
-import os, sys, time
-import torch
-from featcache import finetuning as ft
+    train_epoch = ft._Loop._train_epoch
 
-train_epoch = ft._Loop._train_epoch
+    def dying_train_epoch(self, epoch, bar):
+        if epoch == self.plan.epochs - 1:
+            while True:
+                try:
+                    if torch.load(self.run_dir / ft.LAST_CKPT, weights_only=False)["epoch"] == epoch:
+                        os._exit(17)
+                except (OSError, RuntimeError, EOFError):
+                    pass
+                time.sleep(0.05)
+        return train_epoch(self, epoch, bar)
 
-
-def dying_train_epoch(self, epoch, bar):  # first attempt, rank 1, last epoch: once last.pt is written, die
-    if os.environ["RANK"] == "1" and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0" and epoch == self.plan.epochs - 1:
-        while True:
-            try:
-                if torch.load(self.run_dir / ft.LAST_CKPT, weights_only=False)["epoch"] == epoch:
-                    os._exit(17)
-            except (OSError, RuntimeError, EOFError):
-                pass
-            time.sleep(0.05)
-    return train_epoch(self, epoch, bar)
-
-
-ft._Loop._train_epoch = dying_train_epoch
-sys.argv = ["featcache", *sys.argv[1:]]
-from featcache.cli import main
-main()
+    ft._Loop._train_epoch = dying_train_epoch
 """
 
 
-@pytest.mark.slow
-def test_torchrun_restart_resumes_from_last_checkpoint(data, one_process_run, tmp_path):
-    driver = tmp_path / "driver.py"
-    driver.write_text(RESTART_DRIVER)
-    done = _run([*TORCHRUN, "--max-restarts=1", driver, "finetune", *FINETUNE_ARGS, "--data", data,
-                 "--runs-dir", tmp_path / "runs"])
+def test_ddp_frozen_finetune_reports_the_one_process_metrics_also_after_a_torchrun_restart(data, one_process_run,
+                                                                                            tmp_path):
+    # One group run checks both: `finetune --nproc 2` (DDP) reports what one process reports, and when a rank
+    # dies, torchrun (--max-restarts) restarts the group, which resumes from last.pt to the same numbers.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(RESTART_SITE)
+    env = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), ENV.get("PYTHONPATH")]))}
+    done = subprocess.run([str(a) for a in [*FEATCACHE, "finetune", *FINETUNE_ARGS, "--data", data,
+                                            "--runs-dir", tmp_path / "runs", "--nproc", 2, "--max-restarts", 1]],
+                          env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    run_dir = _only_run_dir(tmp_path / "runs")  # the restarted group went on in the same directory
+    assert done.stdout.count("epoch   1/3") == 1  # rank 0 reports, once (the restart does not redo epoch 1)
+    run_dir = _only_run_dir(tmp_path / "runs")  # only rank 0 wrote a run directory; the restarted group went on in it
     assert f"resuming {run_dir} (torchrun restarted the processes)" in done.stdout
     assert "continuing after epoch 2 of 3" in done.stdout
+    for name in ("metrics.json", "history.csv", "head.npz", "best.pt", "last.pt", "finetune.json"):
+        assert (run_dir / name).is_file(), name
     _assert_same_report(json.loads((run_dir / runs.METRICS_FILE).read_text()), one_process_run)
 
 

@@ -124,6 +124,12 @@ def broken_cache(work, broken) -> Path:
     return _extract(broken, work / "cache")
 
 
+@pytest.fixture(scope="module")
+def clean_cache(work, clean) -> Path:
+    """A clean extraction of `clean` (the reference the tests compare with; read only, copied to be moved)."""
+    return _extract(clean, work / "clean-cache")
+
+
 def _assert_failures_listed(csv_path: Path) -> None:
     rows = _csv_rows(csv_path)
     assert rows[0] == ["split", "path", "reason"]
@@ -139,7 +145,7 @@ class _Killed(Exception):
     pass
 
 
-def test_unreadable_images_are_skipped_listed_never_padded_and_survive_a_resume(broken, clean, broken_cache,
+def test_unreadable_images_are_skipped_listed_never_padded_and_survive_a_resume(broken, clean_cache, broken_cache,
                                                                                   tmp_path, monkeypatch):
     cache_dir = tmp_path / "cache"
     args = ["extract", *MODEL, "--data", broken, "--cache-dir", cache_dir, "--batch-size", 4, "--num-workers", 0,
@@ -171,7 +177,7 @@ def test_unreadable_images_are_skipped_listed_never_padded_and_survive_a_resume(
 
     # Only readable images have rows: the cache equals a clean extraction of the dataset without the broken
     # files (and the resumed file equals the uninterrupted one bit for bit).
-    got, want, uninterrupted = _read(final), _read(_extract(clean, tmp_path / "clean")), _read(broken_cache)
+    got, want, uninterrupted = _read(final), _read(clean_cache), _read(broken_cache)
     for split in SPLITS:
         assert got[split][2] == want[split][2] and len(got[split][2]) == {"train": 16, "val": 8, "test": 8}[split]
         np.testing.assert_array_equal(got[split][1], want[split][1])
@@ -266,10 +272,8 @@ cli(sys.argv[2:], prog_name="featcache")
                                             ("after_rename", "broken")])  # leaves the full-size .h5.partial
 def test_sigkill_at_each_step_never_leaves_a_partial_under_the_final_name(point, dataset, request, tmp_path):
     data = request.getfixturevalue(dataset)
-    if dataset == "broken":  # the rename of the copy without the unreadable rows
-        reference = _read(request.getfixturevalue("broken_cache"))
-    else:
-        reference = _read(_extract(data, tmp_path / "ref"))
+    # the uninterrupted extraction; for "broken", of the copy without the unreadable rows
+    reference = _read(request.getfixturevalue(f"{dataset}_cache"))
     driver = tmp_path / "driver.py"
     driver.write_text(KILL_DRIVER)
     cache_dir = tmp_path / "cache"
@@ -399,9 +403,9 @@ def test_head_train_while_the_cache_is_written_never_reads_the_partial(clean, tm
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_moved_cache_directory_is_still_found_and_read(clean, tmp_path):
-    cache_dir = tmp_path / "cache"
-    path = _extract(clean, cache_dir)
+def test_a_moved_cache_directory_is_still_found_and_read(clean, clean_cache, tmp_path):
+    cache_dir = Path(shutil.copytree(clean_cache.parents[1], tmp_path / "cache"))  # a cache directory of our own
+    path = cache_dir / clean_cache.parent.name / clean_cache.name
     options = ["--epochs", 2, "--lr", 0.05]
     before = _invoke("head-train", "--cache", path, *options, "--runs-dir", tmp_path / "r0")
     assert before.exit_code == 0, before.output

@@ -137,13 +137,28 @@ CASES = [
 ]
 
 
+@pytest.fixture(scope="module")
+def in_memory_fits(tmp_path_factory):
+    """case index -> (its cache, the in-memory fit on it): fitted once per case, shared by the three block sizes
+    (each fit_head compiles its own program)."""
+    done = {}
+
+    def get(i: int):
+        if i not in done:
+            case = CASES[i]
+            path, _ = _cache(tmp_path_factory.mktemp(f"case{i}"), num_classes=case["num_classes"], dtype=case["dtype"])
+            splits = [load_features(path, s)[:2] for s in SPLITS]  # what head-train trains on, float16 included
+            done[i] = path, fit_head(*splits, num_classes=case["num_classes"], config=TrainConfig(**case["config"]))
+        return done[i]
+
+    return get
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['num_classes']}cls-{c['config'].get('optimizer', 'sgd')}")
 @pytest.mark.parametrize("blocks", ["one-batch", "three-batches", "whole"])
-def test_streamed_fit_equals_in_memory_fit(tmp_path, case, blocks):
+def test_streamed_fit_equals_in_memory_fit(case, blocks, in_memory_fits):
     config = TrainConfig(**case["config"])
-    path, _ = _cache(tmp_path, num_classes=case["num_classes"], dtype=case["dtype"])
-    splits = [load_features(path, s)[:2] for s in SPLITS]  # what head-train trains on, float16 included
-    in_memory = fit_head(*splits, num_classes=case["num_classes"], config=config)
+    path, in_memory = in_memory_fits(CASES.index(case))
     block_rows = {"one-batch": 1, "three-batches": 3, "whole": 100}[blocks] * config.batch_size
     with FeatureReader(path) as reader:
         streamed, info = stream.fit_streamed(reader, config=config, block_rows=block_rows)
