@@ -431,7 +431,8 @@ def _write_exported(module: ExportedClassifier, meta: dict, path: Path) -> None:
     except Exception as exc:  # an operation torch.export cannot capture (TorchScript inside, data-dependent code)
         raise UserError(f"torch.export could not capture {meta['model']} ({_first_line(exc)}); export with "
                         "--format torchscript or --format state-dict.") from exc
-    torch.export.save(program, str(path), extra_files={META_FILE: json.dumps(meta)})
+    with open(path, "wb") as f:  # a file object: torch warns about a path not ending in .pt2
+        torch.export.save(program, f, extra_files={META_FILE: json.dumps(meta)})
 
 
 def load_model(path: str | Path) -> nn.Module:
@@ -486,7 +487,8 @@ def _load_program(path: Path, *, torchscript: bool) -> tuple[nn.Module, dict]:
             if torchscript:
                 module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
             else:
-                module = wrap_program(torch.export.load(str(path), extra_files=extra).module())
+                with open(path, "rb") as f:  # a file object: any file name (torch warns about a path not .pt2)
+                    module = wrap_program(torch.export.load(f, extra_files=extra).module())
     except Exception as exc:
         raise UserError(f"{path} is a corrupt {kind} file ({_first_line(exc)}); export it again.") from exc
     if not extra[META_FILE]:

@@ -123,7 +123,8 @@ def load_program(path: str) -> nn.Module:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
                 return torch.jit.load(path, map_location="cpu")
-        return torch.export.load(path).module()
+        with open(path, "rb") as f:  # a file object: any file name (torch warns about a path not ending in .pt2)
+            return torch.export.load(f).module()
     except (zipfile.BadZipFile, OSError):
         raise UserError(f"{path} is not a torch.export .pt2 or TorchScript file; save one with torch.export.save "
                         "or torch.jit.save.") from None
