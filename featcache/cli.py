@@ -21,10 +21,6 @@ from featcache.demo_run import run_demo
 from featcache.errors import UserError
 from featcache.reporting import FORMATS
 
-# The registry's names, for click.Choice; backbones.py keeps torch imports inside functions.
-from featcache.backbones import BACKBONES  # noqa: E402
-
-
 
 class _ModelName(click.ParamType):
     """--model: a torchvision name (featcache models), timm/<name>, or a backbone file (made absolute)."""
