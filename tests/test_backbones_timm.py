@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 
@@ -161,19 +160,24 @@ def test_unknown_timm_name_suggests_close_names(tmp_path):
         build_backbone("timm/convnext_tiny.fb_in22", weights="none")
 
 
-def test_imagenet_weights_offline_and_not_cached_is_one_sentence(tmp_path):
+def test_imagenet_weights_offline_and_not_cached_is_one_sentence(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    # HF_HUB_OFFLINE=1 and empty caches (huggingface_hub read the variables when imported: set its constants too)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     data = make_demo_dataset(tmp_path / "d", num_classes=2, n_per_class=(2, 1, 1), image_size=SIZE)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), TORCH_HOME=str(tmp_path / "th"))
-    out = subprocess.run([sys.executable, "-m", "featcache", "extract", "--model", "timm/resnet18", "--data",
-                          str(data), "--weights", "imagenet", "--image-size", str(SIZE), "--cache-dir",
-                          str(tmp_path / "cache"), "--num-workers", "0"],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 2, out.stderr
-    lines = out.stderr.strip().splitlines()
-    assert lines[-1].startswith("Error: Could not load the pretrained weights of timm/resnet18"), out.stderr
-    assert "Traceback" not in out.stderr
+    result = invoke("extract", "--model", "timm/resnet18", "--data", data, "--weights", "imagenet", "--image-size",
+                    SIZE, "--cache-dir", tmp_path / "cache", "--num-workers", 0, "--quiet")
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: Could not load the pretrained weights of timm/resnet18")
+    assert "--weights none" in lines[0], lines
     # nothing written (the writer's lock file stays, as beside every cache)
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and not p.name.endswith(".lock")]
+    assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").rglob("*.safetensors"))
 
 
 # ---------------------------------------------------------------- extract: features, cache hit without torch
@@ -234,3 +238,12 @@ def test_pretrained_lite0_features_beat_random_ones_on_the_demo_data(tmp_path):
         probe = LogisticRegression(C=0.1, max_iter=2000).fit(scaler.transform(x_train), y_train)
         accuracy[weights] = float((probe.predict(scaler.transform(x_test)) == y_test).mean())
     assert accuracy["lite0-package"] >= accuracy["none"] + 0.15, accuracy
+
+
+def test_models_lists_timm_names_with_their_feature_width():
+    result = invoke("models", "--timm", "efficientnet_lite0*")
+    assert result.exit_code == 0, result.output
+    assert "timm/efficientnet_lite0.ra_in1k" in result.output and "1280" in result.output
+    result = invoke("models", "--timm", "no_such_model_*")
+    assert result.exit_code == 2 and "timm has no model matching" in result.output
+    assert "timm/<name>" in invoke("models").output
