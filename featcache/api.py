@@ -112,12 +112,12 @@ def compare(run_a: str | Path, run_b: str | Path, *, figure: str | Path | None =
     return compare_paired(run_a, run_b, config=config)
 
 
-def export(run_dir: str | Path, *, out: str | Path | None = None, format: str = "torchscript",
+def export(run_dir: str | Path, *, out: str | Path | None = None, format: str = "exported",
            weights: str | None = None, cache: str | Path | None = None, data_root: str | Path | None = None,
            atol: float = 1e-4):
     """Export a finished run as one torch module (cut backbone + linear head), checked before it is written.
 
-    format "torchscript" or "state-dict"; out None = RUN_DIR/model.pt. weights: the file a head run's cache
+    format "exported" (torch.export .pt2), "torchscript" or "state-dict"; out None = RUN_DIR/model.pt2. weights: the file a head run's cache
     was extracted from, when it was a file. Returns an ExportResult (path, max_abs_diff, ...).
     """
     from featcache.exporting import export as _export

@@ -21,10 +21,30 @@ from featcache.demo_run import run_demo
 from featcache.errors import UserError
 from featcache.reporting import FORMATS
 
-# The registry's names, for click.Choice; backbones.py keeps torch imports inside functions.
-from featcache.backbones import BACKBONES  # noqa: E402
 
-MODEL_CHOICE = click.Choice(sorted(BACKBONES))
+class _ModelName(click.ParamType):
+    """--model: a torchvision name (featcache models), timm/<name>, or a backbone file (made absolute)."""
+
+    name = "model"
+
+    def get_metavar(self, param, ctx=None):
+        return "NAME|timm/NAME|FILE.pt2"
+
+    def convert(self, value, param, ctx):
+        import os
+
+        from featcache.backbones import check_model, file_source, source_of
+
+        try:
+            check_model(value)
+        except UserError as exc:
+            self.fail(str(exc), param, ctx)
+        if source_of(value) is file_source and os.path.isfile(value):
+            return os.path.abspath(value)  # the same file from any folder: the same cache
+        return value
+
+
+MODEL_CHOICE = _ModelName()  # no torch, no timm: names are checked, timm's own list only when a model is built
 DEVICE_CHOICE = click.Choice(["cpu", "cuda", "auto"])
 # Numeric option types: a value out of range is a usage error (exit 2) before any work starts.
 POSITIVE_INT = click.IntRange(min=1)
@@ -299,17 +319,36 @@ def _silent(*_, **__) -> None:
 
 
 @cli.command()
-def models():
+@click.option("--timm", "timm_pattern", default=None, metavar="PATTERN",
+              help="List timm's models matching PATTERN (e.g. 'convnext*'), with their feature width.")
+def models(timm_pattern):
     """List the backbones: name, feature dim D, default weights, input size.
+
+    Any timm model works too, as --model timm/<name> (with a pretrained tag, e.g.
+    timm/convnext_tiny.fb_in22k, or timm/hf-hub:<org>/<repo>); --timm PATTERN lists them.
+    Your own backbone file works as --model path/to/backbone.pt2 (see docs/backbones.md).
 
     \b
     Example:
       featcache models
+      featcache models --timm 'efficientnet_lite*'
     """
-    from featcache.backbones import describe_registry
     from featcache.reporting import print_table
 
+    if timm_pattern is not None:
+        from featcache.backbones.timm_source import list_models
+
+        rows = list_models(timm_pattern)
+        if not rows:
+            raise UserError(f"timm has no model matching {timm_pattern!r}; try a wider pattern such as "
+                            f"'{timm_pattern[:3]}*'.")
+        print_table(rows, title=f"timm models matching {timm_pattern!r} (featcache extract --model timm/NAME)")
+        return
+    from featcache.backbones import describe_registry
+
     print_table(describe_registry(), title="Backbones (featcache extract --model NAME)")
+    click.echo("Also: --model timm/<name> (featcache models --timm PATTERN lists them), "
+               "or --model path/to/backbone.pt2 (your own, see docs/backbones.md).")
 
 
 @cli.command("demo-data")
@@ -770,9 +809,11 @@ def bench(compare, **options):
 @cli.command()
 @click.argument("run_dir", type=click.Path())
 @click.option("--out", default=None, type=click.Path(dir_okay=False),
-              help="File to write.  [default: RUN_DIR/model.pt, or RUN_DIR/model-state-dict.pt]")
-@click.option("--format", "fmt", type=click.Choice(["torchscript", "state-dict"]), default="torchscript",
-              show_default=True, help="torchscript: plain torch.jit.load works; state-dict: for featcache.load_model.")
+              help="File to write.  [default: RUN_DIR/model.pt2 (exported), model.pt (torchscript), "
+                   "model-state-dict.pt]")
+@click.option("--format", "fmt", type=click.Choice(["exported", "torchscript", "state-dict"]), default="exported",
+              show_default=True, help="exported: torch.export .pt2, plain torch.export.load works; torchscript: "
+                                      "torch.jit (deprecated by torch); state-dict: for featcache.load_model.")
 @click.option("--weights", default=None, metavar="PATH",
               help="head-train runs on a cache extracted with --weights PATH: that file (its SHA-256 is checked).")
 @click.option("--cache", "cache_file", default=None, type=click.Path(dir_okay=False),
@@ -791,9 +832,9 @@ def export(run_dir, out, fmt, weights, cache_file, data_root, atol):
 
     \b
     Example:
-      featcache export runs/20261130-101500-head-resnet18 --out model.pt
+      featcache export runs/20261130-101500-head-resnet18 --out model.pt2
       featcache export runs/20261130-101500-finetune-resnet18 --out model-sd.pt --format state-dict
-      python -c "import torch; model = torch.jit.load('model.pt')"   # no featcache needed
+      python -c "import torch; model = torch.export.load('model.pt2').module()"   # no featcache needed
     """
     from featcache.exporting import export as run_export
 
@@ -821,7 +862,7 @@ def predict(inputs, model_file, out, batch_size, num_workers, device, weights, q
 
     \b
     Example:
-      featcache predict --model-file model.pt ./new_images --out predictions.csv
+      featcache predict --model-file model.pt2 ./new_images --out predictions.csv
       featcache predict runs/20261130-101500-head-resnet18 scan1.png scan2.png
     """
     from featcache.prediction import predict as run_predict

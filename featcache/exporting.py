@@ -5,9 +5,11 @@ transform, to logits (N, K): K = 1 for two classes (sigmoid = probability of cla
 else K = C (softmax). Its metadata (class names, eval transform description, input size S,
 model, weights tag, head shape) travels with it:
 
-* torchscript: `torch.jit.trace` of the module; metadata as JSON in the archive's extra file
-  `featcache.json`, so plain `torch.jit.load(path, _extra_files={"featcache.json": ""})` works
-  without featcache.
+* exported (default, `.pt2`): `torch.export` of the module with a dynamic batch dimension; metadata as JSON
+  in the archive's extra file `featcache.json`, so plain
+  `torch.export.load(path, extra_files={"featcache.json": ""}).module()` works without featcache.
+* torchscript: `torch.jit.trace` of the module (deprecated by torch, kept for older code); metadata in the
+  same extra file, `torch.jit.load(path, _extra_files={"featcache.json": ""})`.
 * state-dict: `torch.save` of {"format", "state_dict", "model", "class_names", "transform",
   "input_size", "head_shape", ...}; `featcache.load_model` rebuilds the module from it.
 
@@ -39,11 +41,14 @@ import torch
 from torch import nn
 
 from featcache import runs
-from featcache.backbones import build_backbone, get_spec, make_transform
+from featcache.backbones import BACKBONES, build_backbone, make_transform
+from featcache.backbones.file_source import WEIGHTS_TAG as FILE_WEIGHTS_TAG
+from featcache.backbones.file_source import wrap_program
 from featcache.errors import UserError
 from featcache.files import new_file_mode
 
-FORMATS = ("torchscript", "state-dict")
+FORMATS = ("exported", "torchscript", "state-dict")
+DEFAULT_NAMES = {"exported": "model.pt2", "torchscript": "model.pt", "state-dict": "model-state-dict.pt"}
 META_FILE = "featcache.json"  # TorchScript extra file holding the metadata
 EXPORT_FORMAT = "featcache-export"
 EXPORT_VERSION = 1
@@ -75,7 +80,7 @@ class ExportResult:
     """What `export` wrote and what its check measured."""
 
     path: Path
-    format: str  # "torchscript" | "state-dict"
+    format: str  # "exported" | "torchscript" | "state-dict"
     mode: str  # mode of the exported run: "head" | "finetune" | "frozen"
     model: str
     class_names: list[str]
@@ -87,15 +92,16 @@ class ExportResult:
 # --------------------------------------------------------------------------- export
 
 
-def export(run_dir: str | Path, *, out: str | Path | None = None, format: str = "torchscript",
+def export(run_dir: str | Path, *, out: str | Path | None = None, format: str = "exported",
            weights: str | None = None, cache: str | Path | None = None, data_root: str | Path | None = None,
            atol: float = DEFAULT_ATOL, log: Log = print) -> ExportResult:
     """Export a finished head-train, finetune or frozen run as one torch module, checked before it is written.
 
     Args:
         run_dir: the run directory.
-        out: the file to write; None = RUN_DIR/model.pt (torchscript) or RUN_DIR/model-state-dict.pt.
-        format: "torchscript" or "state-dict".
+        out: the file to write; None = RUN_DIR/model.pt2 (exported), model.pt (torchscript) or
+            model-state-dict.pt.
+        format: "exported" (torch.export, .pt2), "torchscript" or "state-dict".
         weights: head runs whose cache was extracted with `--weights PATH` need that file again
             (its SHA-256 must equal the cache's); not used otherwise.
         cache: the head run's cache file, when it is no longer where metrics.json says.
@@ -141,7 +147,7 @@ def _module_and_check(run: runs.RunResult, *, weights: str | None, cache: str | 
 
 def _out_path(out: str | Path | None, *, run_dir: Path, format: str) -> Path:
     """The file to write (default: in the run directory), its folder made; UserError if it is a folder."""
-    default_name = "model.pt" if format == "torchscript" else "model-state-dict.pt"
+    default_name = DEFAULT_NAMES[format]
     out = Path(out) if out is not None else run_dir / default_name
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; pass a file name such as {out / default_name}.")
@@ -271,6 +277,10 @@ def _from_head_run(run: runs.RunResult, *, weights: str | None,
 def _weights_argument(run: runs.RunResult, meta: dict, weights: str | None) -> str:
     """The `weights` argument of build_backbone that rebuilds the cache's backbone (its `weights` attr)."""
     tag = meta["weights"]
+    if tag == FILE_WEIGHTS_TAG or tag.startswith("lite0-package:"):  # the backbone file's own; the package's
+        if weights is not None:
+            raise UserError(f"{run.run_dir}'s cache used {tag} weights, which need no --weights; drop --weights.")
+        return FILE_WEIGHTS_TAG if tag == FILE_WEIGHTS_TAG else "lite0-package"
     if tag.startswith("file:"):
         if weights is None:
             raise UserError(
@@ -285,10 +295,15 @@ def _weights_argument(run: runs.RunResult, meta: dict, weights: str | None) -> s
                         f"{run.run_dir}'s cache used {tag}; drop --weights.")
     if tag == "none":
         return "none"
-    if tag == f"imagenet:{get_spec(meta['model']).weights_enum}":
-        return "imagenet"  # from the torch hub cache (downloaded there by extract)
+    if tag == _imagenet_tag(meta["model"]):
+        return "imagenet"  # from the torch hub / Hugging Face cache (downloaded there by extract)
     raise UserError(f"The cache of {run.run_dir} was extracted with weights {tag}, which this featcache does "
                     "not build; extract and train the head again.")
+
+
+def _imagenet_tag(model: str) -> str:
+    """The weights tag of --weights imagenet for `model` (torchvision: its weights enum; timm: its name)."""
+    return f"imagenet:{BACKBONES[model].weights_enum}" if model in BACKBONES else f"imagenet:{model}"
 
 
 def _head_check(module: ExportedClassifier, run: runs.RunResult, meta: dict, *, data_root: str | Path | None,
@@ -354,12 +369,14 @@ def _from_checkpoint(run: runs.RunResult) -> tuple[ExportedClassifier, dict]:
 
 def _skeleton(model: str, *, weights_tag: str, input_size: int, num_outputs: int) -> ExportedClassifier:
     """The architecture of an exported `model` (weights to be loaded): cut backbone + Linear(D, num_outputs)."""
-    net = build_backbone(model, weights="none", image_size=input_size).net
+    weights = FILE_WEIGHTS_TAG if weights_tag == FILE_WEIGHTS_TAG else "none"  # a file holds its network
+    backbone = build_backbone(model, weights=weights, image_size=input_size)
+    net = backbone.net
     if model == "googlenet" and weights_tag.startswith("imagenet:"):
         # torchvision builds GoogLeNet with ImageNet weights with transform_input=True, which no
         # state_dict records; without weights it is False.
         net.transform_input = True
-    return ExportedClassifier(net, nn.Linear(get_spec(model).feature_dim, num_outputs)).eval()
+    return ExportedClassifier(net, nn.Linear(backbone.spec.feature_dim, num_outputs)).eval()
 
 
 def _random_images(size: int, n: int = 4) -> torch.Tensor:
@@ -392,7 +409,9 @@ def _metadata(run: runs.RunResult, *, model: str, weights_tag: str, class_names:
 
 
 def _write(module: ExportedClassifier, meta: dict, path: Path, *, format: str) -> None:
-    if format == "torchscript":
+    if format == "exported":
+        _write_exported(module, meta, path)
+    elif format == "torchscript":
         example = torch.zeros(1, 3, meta["input_size"], meta["input_size"])  # stored in the archive: keep it small
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)  # ViT's shape asserts, traced as constants
@@ -403,8 +422,21 @@ def _write(module: ExportedClassifier, meta: dict, path: Path, *, format: str) -
         torch.save({**meta, "state_dict": module.state_dict()}, path)
 
 
+def _write_exported(module: ExportedClassifier, meta: dict, path: Path) -> None:
+    """torch.export of `module` with a dynamic batch dimension, the metadata as the extra file featcache.json."""
+    example = torch.zeros(2, 3, meta["input_size"], meta["input_size"])
+    try:
+        program = torch.export.export(module.eval(), (example,),
+                                      dynamic_shapes=({0: torch.export.Dim("batch")},))
+    except Exception as exc:  # an operation torch.export cannot capture (TorchScript inside, data-dependent code)
+        raise UserError(f"torch.export could not capture {meta['model']} ({_first_line(exc)}); export with "
+                        "--format torchscript or --format state-dict.") from exc
+    with open(path, "wb") as f:  # a file object: torch warns about a path not ending in .pt2
+        torch.export.save(program, f, extra_files={META_FILE: json.dumps(meta)})
+
+
 def load_model(path: str | Path) -> nn.Module:
-    """Load a model written by `featcache export` (either format), in eval mode on the CPU.
+    """Load a model written by `featcache export` (any format: .pt2, TorchScript, state-dict), in eval mode on the CPU.
 
     Returns:
         A module mapping images (N, 3, S, S) to logits (N, K), with `.class_names`, `.transform`
@@ -417,48 +449,76 @@ def load_model(path: str | Path) -> nn.Module:
     if path.is_dir():
         raise UserError(f"{path} is a folder; pass the file written by featcache export "
                         "(featcache predict also takes a run directory in place of --model-file).")
-    not_ours = f"{path} is not a model exported by featcache"
-    how = "create one with featcache export RUN_DIR --out FILE"
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
     except (zipfile.BadZipFile, OSError):
-        raise UserError(f"{not_ours} (not a TorchScript or torch.save archive); {how}.") from None
-    if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
-        extra = {META_FILE: ""}
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-        except Exception as exc:
-            raise UserError(f"{path} is a corrupt TorchScript file ({_first_line(exc)}); export it again.") from exc
-        if not extra[META_FILE]:
-            raise UserError(f"{not_ours}: a TorchScript file without {META_FILE} inside; {how}.")
-        meta = json.loads(extra[META_FILE])
+        raise UserError(f"{_not_ours(path)} (not a torch.export, TorchScript or torch.save archive); {_HOW}.") \
+            from None
+    if any(n.endswith("/archive_format") or n.endswith("/models/model.json") for n in names):
+        module, meta = _load_program(path, torchscript=False)
+    elif any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+        module, meta = _load_program(path, torchscript=True)
     else:
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise UserError(f"{not_ours} ({_first_line(exc)}); {how}.") from exc
-        if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
-            if isinstance(payload, dict) and "optimizer" in payload:
-                raise UserError(f"{path} is a training checkpoint, not an exported model; export its run "
-                                "directory with featcache export RUN_DIR (or pass the run directory to predict).")
-            raise UserError(f"{not_ours} (a torch.save file of another kind); {how}.")
-        meta = {k: v for k, v in payload.items() if k != "state_dict"}
-        module = None
+        module, meta = _load_state_dict_file(path)
+    return _attach(module.eval(), meta)
+
+
+_HOW = "create one with featcache export RUN_DIR --out FILE"
+
+
+def _not_ours(path: Path) -> str:
+    return f"{path} is not a model exported by featcache"
+
+
+def _check_format(path: Path, meta: dict) -> None:
     if meta.get("format") != EXPORT_FORMAT or int(meta.get("format_version", 0)) > EXPORT_VERSION:
         raise UserError(f"{path} was written by a newer or unknown featcache export format "
                         f"({meta.get('format')} {meta.get('format_version')}); upgrade featcache.")
-    if module is None:
-        k, _ = payload["head_shape"]
-        module = _skeleton(meta["model"], weights_tag=meta["weights"], input_size=meta["input_size"], num_outputs=k)
-        try:
-            module.load_state_dict(payload["state_dict"])
-        except RuntimeError as exc:
-            raise UserError(f"{path} does not fit a {meta['model']} network ({_first_line(exc)}); "
-                            "export it again.") from exc
-    return _attach(module.eval(), meta)
+
+
+def _load_program(path: Path, *, torchscript: bool) -> tuple[nn.Module, dict]:
+    """(module, metadata) of a torch.export .pt2 or a TorchScript file with featcache.json inside."""
+    kind = "TorchScript" if torchscript else "torch.export"
+    extra = {META_FILE: ""}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
+            if torchscript:
+                module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+            else:
+                with open(path, "rb") as f:  # a file object: any file name (torch warns about a path not .pt2)
+                    module = wrap_program(torch.export.load(f, extra_files=extra).module())
+    except Exception as exc:
+        raise UserError(f"{path} is a corrupt {kind} file ({_first_line(exc)}); export it again.") from exc
+    if not extra[META_FILE]:
+        raise UserError(f"{_not_ours(path)}: a {kind} file without {META_FILE} inside; {_HOW}.")
+    meta = json.loads(extra[META_FILE])
+    _check_format(path, meta)
+    return module, meta
+
+
+def _load_state_dict_file(path: Path) -> tuple[nn.Module, dict]:
+    """(module, metadata) of a `--format state-dict` file: the skeleton rebuilt, its state_dict loaded."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"{_not_ours(path)} ({_first_line(exc)}); {_HOW}.") from exc
+    if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
+        if isinstance(payload, dict) and "optimizer" in payload:
+            raise UserError(f"{path} is a training checkpoint, not an exported model; export its run "
+                            "directory with featcache export RUN_DIR (or pass the run directory to predict).")
+        raise UserError(f"{_not_ours(path)} (a torch.save file of another kind); {_HOW}.")
+    meta = {k: v for k, v in payload.items() if k != "state_dict"}
+    _check_format(path, meta)
+    k, _ = payload["head_shape"]
+    module = _skeleton(meta["model"], weights_tag=meta["weights"], input_size=meta["input_size"], num_outputs=k)
+    try:
+        module.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        raise UserError(f"{path} does not fit a {meta['model']} network ({_first_line(exc)}); "
+                        "export it again.") from exc
+    return module, meta
 
 
 def _attach(module: nn.Module, meta: dict) -> nn.Module:

@@ -28,7 +28,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from featcache import cache, distributed
-from featcache.backbones import describe_weights, get_spec
+from featcache.backbones import check_model, describe_weights, key_transform_is_deferred
 from featcache.config import ExtractConfig
 from featcache.datasets import (DatasetIndex, ImageDataset, ImageLoadError, SkipUnreadable, collate_readable,
                                 load_image, rescan, resolve_data_root, scan_data, skipped_images_line, strict_error,
@@ -77,7 +77,7 @@ class Measurement:
 
 def plan_extraction(config: ExtractConfig) -> ExtractPlan:
     """Scan the dataset and compute the cache key and path of `config` (no torch)."""
-    get_spec(config.model)  # UserError for a model not in the registry
+    check_model(config.model)  # UserError for a model no source builds
     if config.dtype not in ("float32", "float16"):
         raise UserError(f"--dtype must be float32 or float16, not {config.dtype!r}.")
     if config.batch_size < 1:
@@ -204,7 +204,12 @@ def _run_extraction(plan: ExtractPlan, *, progress: bool, log: Log,
     config = plan.config
     device = pick_device(config.device)
     backbone = build_backbone(config.model, weights=config.weights, image_size=config.image_size)
-    if backbone.transform_desc != plan.meta["transform"]:
+    for note in backbone.notes:
+        log(note)
+    meta = dict(plan.meta, weights_sha256=backbone.weights_sha256)
+    if key_transform_is_deferred(plan.meta["transform"]):  # timm: the key names it, the cache stores it resolved
+        meta["transform"] = backbone.transform_desc
+    elif backbone.transform_desc != plan.meta["transform"]:
         raise RuntimeError(f"transform of {config.model} differs from its description: "
                            f"{backbone.transform_desc} != {plan.meta['transform']}")
     net = _on_device(backbone.net, device)
@@ -213,7 +218,7 @@ def _run_extraction(plan: ExtractPlan, *, progress: bool, log: Log,
                            paths=[x.path for x in samples])
         for s, samples in plan.index.splits.items()
     }
-    writer = open_writer(plan.path, meta=dict(plan.meta, weights_sha256=backbone.weights_sha256),
+    writer = open_writer(plan.path, meta=meta,
                          feature_dim=backbone.spec.feature_dim, dtype=config.dtype, splits=splits)
     if writer.resumed_rows:
         log(f"resuming {writer.partial.name}: {writer.resumed_rows} rows already written")

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from featcache import distributed, metrics, plots, runs
-from featcache.backbones import (Backbone, build_backbone, make_finetune_net, make_train_transform, pick_device)
+from featcache.backbones import (Backbone, build_backbone, check_finetunable, make_finetune_net, make_train_transform,
+                                 pick_device)
 from featcache.config import FinetuneConfig, TrainConfig
 from featcache.datasets import (DatasetIndex, ImageDataset, SkipUnreadable, collate_readable, skipped_images_line, strict_error, write_failures_csv,
                                 resolve_data_root, scan_data)
@@ -60,6 +61,7 @@ def finetune(config: FinetuneConfig, train: TrainConfig, *, resume: str | Path |
     Returns:
         The finished run (also written to its run directory).
     """
+    check_finetunable(config.model, frozen=config.freeze_backbone)
     run_dir, stored_fingerprint = None, None
     if resume is not None:
         run_dir, config, train, stored_fingerprint = _resumed_settings(Path(resume), config, train, log=log)

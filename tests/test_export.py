@@ -1,6 +1,6 @@
 """featcache export / predict / load_model: an exported head-train run and an exported finetune run
-reproduce the run's test accuracy on the demo test split image by image; the TorchScript file loads
-with plain torch.jit.load in a process that never imports featcache; the export check refuses a
+reproduce the run's test accuracy on the demo test split image by image; the .pt2 (torch.export, the
+default) and TorchScript files load with plain torch in a process that never imports featcache; the export check refuses a
 backbone that does not compute the cached features; bad inputs end in one-line errors (exit 2).
 
 Tiny demo data (12/6/6 images per class, 32 px), resnet18 with weights "none", CPU. JAX is loaded in
@@ -81,7 +81,7 @@ def finetune_run(work):
 
 @pytest.fixture(scope="module")
 def head_model(work, head_run) -> Path:
-    return featcache.export(head_run.run_dir, out=work / "head-model.pt").path
+    return featcache.export(head_run.run_dir, out=work / "head-model.pt", format="torchscript").path
 
 
 # ---------------------------------------------------------------- export -> predict = the run
@@ -113,6 +113,12 @@ def test_head_run_export_then_predict_reproduces_the_run(work, demo2, head_run, 
     for r in predictions.rows:
         assert sum(r.probabilities) == pytest.approx(1.0) and max(r.probabilities) >= 0.5
 
+    # The default torch.export .pt2 gives the same logits, on any batch size (dynamic batch dimension).
+    program = featcache.export(head_run.run_dir, out=work / "head-model.pt2")
+    assert program.format == "exported" and program.max_abs_diff <= program.tolerance
+    from_pt2 = featcache.predict(program.path, demo2 / "test", batch_size=5, num_workers=0)
+    np.testing.assert_allclose(from_pt2.logits, predictions.logits, rtol=1e-5, atol=1e-5)
+
     # state-dict format and predict(RUN_DIR) give the same predictions.
     state_dict = featcache.export(head_run.run_dir, out=work / "head-sd.pt", format="state-dict")
     assert state_dict.format == "state-dict" and state_dict.max_abs_diff <= state_dict.tolerance
@@ -125,8 +131,9 @@ def test_head_run_export_then_predict_reproduces_the_run(work, demo2, head_run, 
 
 
 def test_finetune_run_export_then_predict_reproduces_the_run(work, finetune_run):
-    result = featcache.export(finetune_run.run_dir)  # default: RUN_DIR/model.pt, torchscript
-    assert result.path == finetune_run.run_dir / "model.pt" and result.mode == "finetune"
+    result = featcache.export(finetune_run.run_dir)  # default: RUN_DIR/model.pt2, torch.export
+    assert result.path == finetune_run.run_dir / "model.pt2" and result.mode == "finetune"
+    assert result.format == "exported"
     assert result.max_abs_diff <= 1e-4
     root = Path(finetune_run.extra["dataset_root"])
     predictions = featcache.predict(result.path, root / "test", batch_size=7, num_workers=0)
@@ -140,24 +147,30 @@ def test_finetune_run_export_then_predict_reproduces_the_run(work, finetune_run)
     assert counts.tolist() == finetune_run.summary.confusion_matrix
 
 
-def test_torchscript_loads_with_plain_torch_in_a_process_without_featcache(work, head_model):
+def test_torchscript_and_pt2_load_with_plain_torch_in_a_process_without_featcache(work, head_run, head_model):
+    program = featcache.export(head_run.run_dir, out=work / "plain.pt2").path
     images = torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
     torch.save(images, work / "inputs.pt")
     code = f"""
 import json, sys, torch
-extra = {{"{META_FILE}": ""}}
+extra, extra2 = {{"{META_FILE}": ""}}, {{"{META_FILE}": ""}}
 model = torch.jit.load({str(head_model)!r}, _extra_files=extra)
 meta = json.loads(extra["{META_FILE}"])
-torch.save(model(torch.load({str(work / 'inputs.pt')!r})), {str(work / 'plain-logits.pt')!r})
+program = torch.export.load({str(program)!r}, extra_files=extra2).module()
+images = torch.load({str(work / 'inputs.pt')!r})
+torch.save([model(images), program(images)], {str(work / 'plain-logits.pt')!r})
 assert "featcache" not in sys.modules, "featcache was imported"
-print(json.dumps([meta["class_names"], meta["input_size"], meta["transform"]["crop"]]))
+print(json.dumps([meta["class_names"], meta["input_size"], meta["transform"]["crop"],
+                  json.loads(extra2["{META_FILE}"])["input_size"]]))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=work, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout) == [["abnormal", "normal"], SIZE, SIZE]
+    assert json.loads(out.stdout) == [["abnormal", "normal"], SIZE, SIZE, SIZE]
     with torch.no_grad():
         ours = featcache.load_model(head_model)(images)
-    torch.testing.assert_close(torch.load(work / "plain-logits.pt"), ours, rtol=0, atol=1e-6)
+    from_script, from_program = torch.load(work / "plain-logits.pt")
+    torch.testing.assert_close(from_script, ours, rtol=0, atol=1e-6)
+    torch.testing.assert_close(from_program, ours, rtol=0, atol=1e-5)
 
 
 def test_predict_cli_lists_unreadable_images_and_decodes_in_workers(work, demo2, head_model):
@@ -224,6 +237,21 @@ def test_head_run_on_a_weights_file_needs_that_file(work, demo2):
     assert result.exit_code == 0, result.output
     assert "check: max |logit diff|" in result.output
     predictions = featcache.predict(work / "file-model.pt", demo2 / "test", num_workers=0)
+    assert _accuracy(predictions) == run.summary.test_acc
+
+
+def test_timm_head_run_exports_and_predicts(work, demo2):
+    cache = featcache.extract(model="timm/resnet18", data=str(demo2), weights="none",
+                              image_size=SIZE, num_workers=0, cache_dir=str(work / "cache"))
+    run = featcache.train_head(cache=cache, runs_dir=str(work / "runs-timm"), **HEAD_OPTIONS)
+    assert run.model == "timm/resnet18"
+    report = _invoke(["report", run.run_dir])
+    assert report.exit_code == 0 and "timm/resnet18" in report.output, report.output
+    result = featcache.export(run.run_dir)
+    assert result.path.name == "model.pt2" and result.max_abs_diff <= result.tolerance
+    model = featcache.load_model(result.path)
+    assert model.metadata["weights"] == "none" and model.transform_desc["interpolation"] == "bicubic"
+    predictions = featcache.predict(model, demo2 / "test", num_workers=0)
     assert _accuracy(predictions) == run.summary.test_acc
 
 

@@ -75,9 +75,14 @@ def cache_key(
 
 
 def cache_path(cache_dir: str | Path, *, dataset_name: str, model: str, weights: str, key: str) -> Path:
-    """`<cache_dir>/<dataset>/<model>-<weights>-<key12>.h5`; `weights` is a short tag."""
+    """`<cache_dir>/<dataset>/<model>-<weights>-<key12>.h5`; `weights` is a short tag.
+
+    A model that is a path (a backbone file) is named by its file name; `timm/<name>` becomes `timm-<name>`.
+    """
     safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in weights)
-    return Path(cache_dir) / dataset_name / f"{model}-{safe}-{key[:12]}.h5"
+    model = Path(model).name if Path(model).is_absolute() else model
+    safe_model = "".join(c if c.isalnum() or c in "-_." else "-" for c in model)
+    return Path(cache_dir) / dataset_name / f"{safe_model}-{safe}-{key[:12]}.h5"
 
 
 def partial_path(final: Path) -> Path:

@@ -1,4 +1,4 @@
-"""Backbone registry: name -> torchvision network cut at its penultimate layer, eval transform, weights.
+"""The torchvision source: name -> torchvision classifier cut at its penultimate layer, eval transform, weights.
 
 Importing this module imports neither torch nor torchvision (the CLI reads BACKBONES for `--help`);
 every function that needs them imports them itself.
@@ -6,45 +6,22 @@ every function that needs them imports them itself.
 
 from __future__ import annotations
 
-import importlib.metadata
-
-import hashlib
 import http.client
+import importlib.metadata
 import os
 import pickle
 import urllib.parse
-from collections import OrderedDict
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
+from featcache.backbones.common import (IMAGENET_CROP, IMAGENET_MEAN, IMAGENET_RESIZE, IMAGENET_STD, INIT_SEED,
+                                        Backbone, BackboneSpec, first_line, make_transform, sha256_of,
+                                        state_dict_problems)
 from featcache.errors import UserError
 
 if TYPE_CHECKING:
     import torch
     import torchvision
-    from PIL import Image
     from torch import nn
-
-# The preset torchvision uses for ImageNet classification; the eval transform without pretrained weights.
-IMAGENET_RESIZE = 256
-IMAGENET_CROP = 224
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-INIT_SEED = 0  # weights="none": every build of a model starts from the same random init
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """What featcache knows about one torchvision classifier before building it."""
-
-    name: str
-    feature_dim: int  # D: width of the penultimate features
-    head_slot: str  # dotted path of the final classifier layer in the torchvision model
-    input_size: int  # native crop size
-    min_size: int  # smallest square input the cut network accepts (measured, torchvision 0.29)
-    fixed_size: bool  # True: only input_size is accepted (ViT position embeddings)
-    weights_enum: str  # what --weights imagenet means: torchvision's DEFAULT weights
-
 
 BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
@@ -66,18 +43,6 @@ BACKBONES: dict[str, BackboneSpec] = {
         BackboneSpec("vit_b_16",           768,  "heads.head",   224, 224, True,  "ViT_B_16_Weights.IMAGENET1K_V1"),
     )
 }
-
-
-@dataclass
-class Backbone:
-    """A built backbone: the cut network, where its weights came from, and its eval transform."""
-
-    spec: BackboneSpec
-    net: nn.Module  # images (N, 3, H, W) float32 -> features (N, D) float32; eval mode
-    weights_tag: str  # "imagenet:<weights_enum>" | "none" | "file:<basename>"
-    weights_sha256: str  # sha256 of the weights file; "" for "none"
-    transform: Callable[[Image.Image], torch.Tensor]  # RGB PIL image -> (3, crop, crop) float32
-    transform_desc: dict[str, Any]  # JSON-able description of `transform`; part of the cache key
 
 
 def get_spec(name: str) -> BackboneSpec:
@@ -128,10 +93,10 @@ def build_backbone(name: str, *, weights: str = "imagenet", image_size: int | No
             net = _cut(_build_full_model(spec, tv_weights), spec)
         except (RuntimeError, pickle.UnpicklingError, EOFError) as exc:
             raise UserError(
-                f"The cached ImageNet weights file {checkpoint} could not be read ({_first_line(exc)}); "
+                f"The cached ImageNet weights file {checkpoint} could not be read ({first_line(exc)}); "
                 "delete it and run again to download it anew."
             ) from exc
-        weights_sha256 = _sha256(checkpoint)
+        weights_sha256 = sha256_of(checkpoint)
     elif weights == "none":
         net = _cut(_build_full_model(spec, None), spec)
         weights_sha256 = ""
@@ -172,7 +137,7 @@ def describe_weights(
             f"Weights file {weights} does not exist; pass --weights imagenet, --weights none, "
             "or the path to a file saved with torch.save(model.state_dict(), PATH)."
         )
-    return f"file:{os.path.basename(weights)}", _sha256(weights), desc
+    return f"file:{os.path.basename(weights)}", sha256_of(weights), desc
 
 
 def eval_transform_desc(spec: BackboneSpec, *, pretrained: bool, image_size: int | None) -> dict[str, Any]:
@@ -203,61 +168,6 @@ def eval_transform_desc(spec: BackboneSpec, *, pretrained: bool, image_size: int
             )
         resize, crop = round(image_size * resize / crop), image_size
     return {"resize": int(resize), "crop": int(crop), "interpolation": interpolation, "mean": mean, "std": std}
-
-
-def make_transform(desc: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
-    """Eval transform from its description: Resize, CenterCrop, ToTensor, Normalize."""
-    from torchvision import transforms as T
-
-    return T.Compose(
-        [
-            T.Resize(desc["resize"], interpolation=T.InterpolationMode(desc["interpolation"]), antialias=True),
-            T.CenterCrop(desc["crop"]),
-            T.ToTensor(),
-            T.Normalize(desc["mean"], desc["std"]),
-        ]
-    )
-
-
-def make_train_transform(desc: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
-    """--augment train transform from the eval description: RandomResizedCrop, RandomHorizontalFlip, same Normalize."""
-    from torchvision import transforms as T
-
-    return T.Compose(
-        [
-            T.RandomResizedCrop(desc["crop"], interpolation=T.InterpolationMode(desc["interpolation"]), antialias=True),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize(desc["mean"], desc["std"]),
-        ]
-    )
-
-
-def make_finetune_net(backbone: Backbone, num_outputs: int) -> nn.Sequential:
-    """`.backbone` (the cut net) then `.head` = nn.Linear(D, num_outputs); finetune sets the head init from the plan."""
-    from torch import nn
-
-    head = nn.Linear(backbone.spec.feature_dim, num_outputs)
-    return nn.Sequential(OrderedDict(backbone=backbone.net, head=head))  # (N, 3, H, W) -> (N, D) -> (N, outputs)
-
-
-def pick_device(device: str) -> torch.device:
-    """torch.device for --device "cpu", "cuda", "cuda:N" or "auto" (cuda when available)."""
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu":
-        return torch.device("cpu")
-    if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
-        if not torch.cuda.is_available():
-            raise UserError("CUDA is not available on this machine; use --device cpu.")
-        picked = torch.device(device)
-        if picked.index is not None and picked.index >= torch.cuda.device_count():
-            last = torch.cuda.device_count() - 1
-            raise UserError(f"There is no {device} on this machine; pass --device cuda:0 to cuda:{last}.")
-        return picked
-    raise UserError(f"Unknown device {device!r}; use --device cpu, cuda or auto.")
 
 
 def _build_full_model(spec: BackboneSpec, tv_weights: torchvision.models.WeightsEnum | None) -> nn.Module:
@@ -307,7 +217,7 @@ def _fetch_imagenet_checkpoint(spec: BackboneSpec, tv_weights: torchvision.model
         torch.hub.download_url_to_file(tv_weights.url, path, match.group(1) if match else None, progress=True)
     except (OSError, http.client.HTTPException, RuntimeError) as exc:  # URLError is an OSError; RuntimeError: bad hash
         raise UserError(
-            f"Could not download the ImageNet weights for {spec.name} ({_first_line(exc)}; no network?); "
+            f"Could not download the ImageNet weights for {spec.name} ({first_line(exc)}; no network?); "
             "pass --weights PATH to a saved state_dict of the full torchvision model, "
             "or --weights none for random init."
         ) from exc
@@ -323,7 +233,7 @@ def _read_state_dict(path: str, spec: BackboneSpec) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any unreadable file: pickle, zip, EOF, weights_only rejections
         raise UserError(
-            f"{not_it}: it could not be loaded ({_first_line(exc)}); "
+            f"{not_it}: it could not be loaded ({first_line(exc)}); "
             "save one with torch.save(model.state_dict(), PATH)."
         ) from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -342,36 +252,10 @@ def _load_body(net: nn.Module, state: dict[str, torch.Tensor], spec: BackboneSpe
         for key, value in state.items()
         if not key.startswith(head_prefix) and not key.startswith(("aux1.", "aux2."))  # GoogLeNet aux heads are unused
     }
-    expected = net.state_dict()
-    problems = []
-    missing = sorted(expected.keys() - body.keys())
-    unexpected = sorted(body.keys() - expected.keys())
-    wrong_shape = sorted(k for k in expected.keys() & body.keys() if expected[k].shape != body[k].shape)
-    if missing:
-        problems.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
-    if wrong_shape:
-        k = wrong_shape[0]
-        shapes = f"{tuple(body[k].shape)} vs {tuple(expected[k].shape)}"
-        problems.append(f"{len(wrong_shape)} shape mismatches (e.g. {k}: {shapes})")
+    problems = state_dict_problems(body, net.state_dict())
     if problems:
         raise UserError(
             f"{path} is not a state_dict of a torchvision {spec.name} model: {', '.join(problems)}; "
             f"pass a file saved with torch.save(torchvision.models.{spec.name}().state_dict(), PATH)."
         )
     net.load_state_dict(body, strict=True)
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _first_line(exc: BaseException) -> str:
-    """A short reason for a user message: the exception's first line, at most 200 characters."""
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else type(exc).__name__)[:200]
