@@ -27,7 +27,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from featcache import cache, distributed
+from featcache import cache, distributed, precision
 from featcache.backbones import describe_weights, get_spec
 from featcache.config import ExtractConfig
 from featcache.datasets import (DatasetIndex, ImageDataset, ImageLoadError, SkipUnreadable, collate_readable,
@@ -82,6 +82,9 @@ def plan_extraction(config: ExtractConfig) -> ExtractPlan:
         raise UserError(f"--dtype must be float32 or float16, not {config.dtype!r}.")
     if config.batch_size < 1:
         raise UserError("--batch-size must be at least 1.")
+    # in the key: auto differs by machine; --amp (older) is bf16 on CUDA
+    arithmetic = precision.resolve(config.precision, config.device,
+                                   amp=config.amp and config.device.startswith("cuda"))
     root = resolve_data_root(config.data.root, cache_dir=config.cache_dir)
     index = scan_data(root, config.data)
     fingerprint = index.fingerprint(content=config.data.verify_content)  # a stat (or a read) of every image: once
@@ -91,6 +94,7 @@ def plan_extraction(config: ExtractConfig) -> ExtractPlan:
         dataset_fingerprint=fingerprint, class_names=index.class_names,
         split_rule=index.split_rule, model=config.model, weights=weights_tag,
         weights_id=weights_id, transform=transform, dtype=config.dtype,
+        precision=arithmetic,
     )
     short = weights_tag.split(":")[0] if not weights_tag.startswith("file:") else weights_tag.replace(":", "-")
     path = cache.cache_path(config.cache_dir, dataset_name=index.name, model=config.model,
@@ -102,6 +106,7 @@ def plan_extraction(config: ExtractConfig) -> ExtractPlan:
         "dataset_fingerprint": fingerprint, "split_rule": index.split_rule,
         "versions": library_versions(), "created": "",
         "key_mode": "content" if config.data.verify_content else "stat",
+        "precision": arithmetic,
     }
     return ExtractPlan(config=config, index=index, key=key, path=path, meta=meta)
 
@@ -207,7 +212,7 @@ def _run_extraction(plan: ExtractPlan, *, progress: bool, log: Log,
     if backbone.transform_desc != plan.meta["transform"]:
         raise RuntimeError(f"transform of {config.model} differs from its description: "
                            f"{backbone.transform_desc} != {plan.meta['transform']}")
-    net = _on_device(backbone.net, device)
+    net = precision.prepare(backbone.net, device, plan.meta["precision"])
     splits = {
         s: cache.SplitRows(labels=np.array([x.label for x in samples], dtype=np.int64),
                            paths=[x.path for x in samples])
@@ -250,14 +255,6 @@ class _Batch:
     rows: range
 
 
-def _on_device(net, device):
-    """The network in eval mode on `device` (channels_last on CUDA)."""
-    import torch
-
-    net = net.to(device).eval()
-    return net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
-
-
 def _compute(plan: ExtractPlan, writer, *, net, backbone, device, num_workers: int,
              progress: bool) -> tuple[int, dict[tuple[str, int], str]]:
     """Run `net` over the writer's pending batches and commit each; (images computed, reasons).
@@ -285,8 +282,8 @@ def _compute(plan: ExtractPlan, writer, *, net, backbone, device, num_workers: i
                 if config.data.strict:
                     raise strict_error(plan.index.root / samples[i].path, reason)
                 reasons[b.split, row] = reason
-            feats = _forward(net, batch, device=device, amp=config.amp, dtype=np.dtype(config.dtype),
-                             feature_dim=backbone.spec.feature_dim)  # (B', D): the readable images of the batch
+            feats = _forward(net, batch, device=device, arithmetic=plan.meta["precision"],
+                             dtype=np.dtype(config.dtype), feature_dim=backbone.spec.feature_dim)  # (B', D): the readable images of the batch
             if pending_write is not None:
                 pending_write.result()
             # HDF5 writing overlaps the next batch's decode and forward pass.
@@ -313,19 +310,15 @@ def _pending_batches(plan: ExtractPlan, writer, bar) -> tuple[list, list[_Batch]
     return samples, batches, tasks
 
 
-def _forward(net, batch, *, device, amp: bool, dtype: np.dtype, feature_dim: int) -> np.ndarray:
-    """(B', D) features in `dtype` of a collated batch of readable images ((0, D) when it has none)."""
-    import torch
+def _forward(net, batch, *, device, arithmetic: str, dtype: np.dtype, feature_dim: int) -> np.ndarray:
+    """(B', D) features in `dtype` of a collated batch of readable images ((0, D) when it has none).
 
+    arithmetic: the resolved precision; precision.features is also the classic frozen loop's forward.
+    """
     if batch is None:  # no readable image in this batch
         return np.zeros((0, feature_dim), dtype)
-    images = batch[0].to(device, non_blocking=True)
-    if device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
-                                                enabled=amp and device.type == "cuda"):
-        feats = net(images)  # (B', D)
-    return feats.float().cpu().numpy().astype(dtype, copy=False)
+    feats = precision.features(net, batch[0], device=device, precision=arithmetic)  # (B', D) float32
+    return feats.cpu().numpy().astype(dtype, copy=False)
 
 
 def _refuse_failed_rows(plan: ExtractPlan, writer: cache.CacheWriter) -> None:
