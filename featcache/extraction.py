@@ -62,12 +62,19 @@ class Measurement:
     batch_size: int
     num_workers: int  # decode workers of each process
     processes: int = 1  # torchrun processes whose shards were merged
+    precision: str = "fp32"  # the forward's arithmetic (featcache.precision.resolve)
+    first_batch_at: float | None = None  # wall clock (time.time()) when the first batch reached the network
+    last_batch_at: float | None = None  # wall clock when the last batch was written: the process's fixed cost is
+    # the time before first_batch_at and after last_batch_at (featcache bench shows both)
 
     def attribute(self) -> dict:
-        """The attribute `extraction`: images, seconds, images_per_s, device, batch_size, num_workers, processes."""
+        """The attribute `extraction`: images, seconds, images_per_s, device, batch_size, num_workers, processes,
+        precision, first_batch_at, last_batch_at."""
         rate = self.images / self.seconds if self.seconds > 0 else 0.0
         return {"images": self.images, "seconds": self.seconds, "images_per_s": rate, "device": self.device,
-                "batch_size": self.batch_size, "num_workers": self.num_workers, "processes": self.processes}
+                "batch_size": self.batch_size, "num_workers": self.num_workers, "processes": self.processes,
+                "precision": self.precision, "first_batch_at": self.first_batch_at,
+                "last_batch_at": self.last_batch_at}
 
     @classmethod
     def from_attribute(cls, attribute: Mapping) -> "Measurement":
@@ -227,10 +234,11 @@ def _run_extraction(plan: ExtractPlan, *, progress: bool, log: Log,
     try:
         if config.data.strict:  # rows an interrupted run committed as unreadable fail --strict as well
             _refuse_failed_rows(plan, writer)
-        n_done, reasons = _compute(plan, writer, net=net, backbone=backbone, device=device,
-                                   num_workers=num_workers, progress=progress)
+        n_done, reasons, first_at = _compute(plan, writer, net=net, backbone=backbone, device=device,
+                                             num_workers=num_workers, progress=progress)
         measured = Measurement(images=n_done, seconds=time.perf_counter() - t0, device=str(device),
-                               batch_size=config.batch_size, num_workers=num_workers)
+                               batch_size=config.batch_size, num_workers=num_workers,
+                               precision=plan.meta["precision"], first_batch_at=first_at, last_batch_at=time.time())
         skipped = _skipped_rows(plan, writer, reasons)
         if skipped:  # before the cache is in place: a complete cache always has its list beside it
             write_failures_csv(cache.failures_path(plan.path), skipped)
@@ -256,15 +264,16 @@ class _Batch:
 
 
 def _compute(plan: ExtractPlan, writer, *, net, backbone, device, num_workers: int,
-             progress: bool) -> tuple[int, dict[tuple[str, int], str]]:
-    """Run `net` over the writer's pending batches and commit each; (images computed, reasons).
+             progress: bool) -> tuple[int, dict[tuple[str, int], str], float | None]:
+    """Run `net` over the writer's pending batches and commit each; (images computed, reasons, first batch at).
 
-    reasons: (split, row) -> why its image could not be read, for the rows found unreadable in this run.
+    reasons: (split, row) -> why its image could not be read, for the rows found unreadable in this run;
+    first batch at: the wall clock when the first batch came out of the loader (None: no batch to compute).
     """
     import torch
 
     config = plan.config
-    n_done, reasons = 0, {}
+    n_done, reasons, first_at = 0, {}, None
     with ThreadPoolExecutor(max_workers=1) as pool, progress_bar(progress) as bar:
         samples, batches, tasks = _pending_batches(plan, writer, bar)
         # One loader over every split, so the decode workers start once and have the next batch
@@ -277,6 +286,7 @@ def _compute(plan: ExtractPlan, writer, *, net, backbone, device, num_workers: i
         )
         pending_write = None
         for b, (batch, _index, failures) in zip(batches, loader):
+            first_at = first_at or time.time()
             failed = [b.start + i - b.rows.start for i, _ in failures]  # rows of `b.split`
             for row, (i, reason) in zip(failed, failures):
                 if config.data.strict:
@@ -293,7 +303,7 @@ def _compute(plan: ExtractPlan, writer, *, net, backbone, device, num_workers: i
                 bar.advance(tasks[b.split], len(b.rows))
         if pending_write is not None:
             pending_write.result()
-    return n_done, reasons
+    return n_done, reasons, first_at
 
 
 def _pending_batches(plan: ExtractPlan, writer, bar) -> tuple[list, list[_Batch], dict]:

@@ -105,8 +105,10 @@ def _child_env() -> dict:
 
 def _serve(stream) -> None:
     """The child: import matplotlib now, then call every (function, args, kwargs) read from `stream` until EOF."""
-    import featcache.plots  # noqa: F401  (what the calls use)
-    from matplotlib.figure import Figure  # noqa: F401  (the import the parent does not wait for)
+    import importlib
+
+    for module in ("featcache.plots", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+        importlib.import_module(module)  # what the calls use: the import the parent does not wait for
 
     while header := stream.read(8):
         draw, args, kwargs = pickle.loads(stream.read(int.from_bytes(header, "little")))

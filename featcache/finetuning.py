@@ -455,6 +455,7 @@ class _Loop:
         # of the scanned dataset, unreadable images included (index no longer holds them)
         self.dataset_fingerprint = dataset_fingerprint or index.fingerprint()
         self._stop = _NO_SIGNAL  # set by run(): SIGTERM received
+        self.first_batch_at: float | None = None  # wall clock of this process's first train batch (bench's fixed cost)
         self.checkpoints = _Checkpoints(run_dir=run_dir, group=self.group, device=device)
         self.backbone = backbone
         self.num_classes = len(index.class_names)
@@ -504,6 +505,7 @@ class _Loop:
         global_sizes = self.plan.batch_sizes()
         task = bar.add_task(f"epoch {epoch + 1}/{self.plan.epochs}", total=self.plan.n_train, info="") if bar else None
         for step, (images, labels, _) in enumerate(_readable(self.train_loader)):
+            self.first_batch_at = self.first_batch_at or time.time()
             self._stop_if_asked(epoch)
             loss_sum, right, n = self._train_step(images, labels, global_rows=int(global_sizes[step]))
             loss_sums.append(loss_sum)
@@ -628,6 +630,7 @@ class _Loop:
         # best.pt's val logits for the operating point and temperature (NaN when nothing was scored)
         val_logits = (self.logits("val") if good else
                       np.full((len(self.index.splits["val"]), test_logits.shape[1]), np.nan, np.float32))
+        last_batch_at = time.time()  # the network's last batch is done: the rest is writing the run
         test_labels = np.array([s.label for s in self.index.splits["test"]])
         selected = metrics.select_epoch(good or history)
         summary = metrics.summarize(history, selected, test_logits=test_logits, test_labels=test_labels,
@@ -641,6 +644,7 @@ class _Loop:
             index=self.index, dataset_fingerprint=self.dataset_fingerprint,
             head=(head.weight.detach().cpu().numpy(), head.bias.detach().cpu().numpy()),
             history=history, summary=summary, selected=selected, diverged=diverged, arithmetic=self.precision,
+            batches_at=(self.first_batch_at, last_batch_at),
             clinical=self._clinical(val_logits=val_logits, test_logits=test_logits, mode=mode)))
 
     def _clinical(self, *, val_logits: np.ndarray, test_logits: np.ndarray, mode: str) -> dict:
@@ -668,11 +672,14 @@ class _Loop:
 def _write_run(run_dir: Path, *, mode: str, config: FinetuneConfig, train: TrainConfig, backbone: Backbone,
                index: DatasetIndex, dataset_fingerprint: str, head: tuple[np.ndarray, np.ndarray],
                history: list[metrics.EpochRecord], summary: metrics.RunSummary, selected: int,
-               diverged: str | None, clinical: dict | None = None, arithmetic: str = "fp32") -> runs.RunResult:
+               diverged: str | None, clinical: dict | None = None, arithmetic: str = "fp32",
+               batches_at: tuple[float | None, float] | None = None) -> runs.RunResult:
     """head.npz, history.csv, curves.png and metrics.json of a finished run (rank 0 only).
 
     head: (weight (K, D) float32, bias (K,) float32) of the selected epoch; clinical: runs.write_clinical's
-    record, stored as extra["clinical"]; arithmetic: the resolved precision, stored as extra["precision"].
+    record, stored as extra["clinical"]; arithmetic: the resolved precision, stored as extra["precision"];
+    batches_at: wall clock of the first train batch and of the end of the last pass (timings first_batch_at,
+    last_batch_at: what featcache bench reads the process's fixed cost from).
     """
     weight, bias = head
     runs.save_head(run_dir / runs.HEAD_FILE, weight=weight, bias=bias, class_names=index.class_names)
@@ -680,13 +687,21 @@ def _write_run(run_dir: Path, *, mode: str, config: FinetuneConfig, train: Train
     plots.plot_curves(history, run_dir / runs.CURVES_FILE, f"{config.model} — {mode}", selected=selected)
     return runs.finish_run(
         run_dir, mode=mode, model=config.model, config=train, summary=summary,
-        history=history, timings={"train_s": sum(r.seconds for r in history)},
+        history=history, timings={"train_s": sum(r.seconds for r in history),
+                                  **_batch_times(batches_at)},
         versions=library_versions(),
         extra={"finetune": asdict(config), "dataset_root": str(index.root),
                "dataset_fingerprint": dataset_fingerprint, "weights": backbone.weights_tag,
                "transform": backbone.transform_desc, "diverged_reason": diverged, "precision": arithmetic,
                **({"clinical": clinical} if clinical is not None else {})},
     )
+
+
+def _batch_times(batches_at: tuple[float | None, float] | None) -> dict:
+    """timings first_batch_at / last_batch_at (wall clock), those known."""
+    if batches_at is None:
+        return {}
+    return {k: float(v) for k, v in zip(("first_batch_at", "last_batch_at"), batches_at) if v is not None}
 
 
 class _Flag:
