@@ -13,7 +13,7 @@ TORCH_PATHS = ("classic", "extract", "forward", "finetune")  # the paths whose b
 def _console(file=None):
     from rich.console import Console
 
-    return Console(width=132, record=True, file=file)
+    return Console(width=176, record=True, file=file)
 
 
 def _table(title: str, columns: tuple[str, ...], *, left: tuple[str, ...]):
