@@ -134,7 +134,7 @@ def load_model(path: str | Path):
 
 
 def predict(model, images, *, batch_size: int = 64, num_workers: int = -1, device: str = "cpu",
-            weights: str | None = None, progress: bool = False):
+            weights: str | None = None, progress: bool = False, precision: str = "auto"):
     """Classify image files/folders with an exported model (module, file or run directory).
 
     Returns Predictions: .rows (path, predicted class, probability per class), .failed (path, reason)
@@ -143,7 +143,7 @@ def predict(model, images, *, batch_size: int = 64, num_workers: int = -1, devic
     from featcache.prediction import predict as _predict
 
     return _predict(model, images, batch_size=batch_size, num_workers=num_workers, device=device,
-                    weights=weights, progress=progress)
+                    weights=weights, progress=progress, precision=precision)
 
 
 def train_grid(*, cache: str | Path, lrs, weight_decays=(0.0,), seeds=1, run_name: str | None = None,

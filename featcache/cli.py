@@ -207,6 +207,17 @@ def _image_size_option(source):
                               + IMAGE_SIZE_LIMIT)
 
 
+PRECISION_HELP = ("The backbone's arithmetic: fp32, bf16 (autocast) or auto (bf16 where the CPU/GPU has it natively); "
+                  "channels_last layout for both.")
+
+
+def precision_option(source):
+    """--precision fp32|bf16|auto, its default read from `source` (featcache.precision)."""
+    from featcache.precision import PRECISIONS
+
+    return config_option(source, "precision", type=click.Choice(PRECISIONS), help=PRECISION_HELP)
+
+
 def backbone_options(f):
     """--weights, --image-size, --dtype, --cache-dir: what selects one cache file."""
     return _stack(f, [
@@ -383,6 +394,7 @@ def demo_data(directory, seed, num_classes, image_size):
 @config_option(ExtractConfig, "num_workers", type=WORKERS, show_default=WORKERS_DEFAULT, help=WORKERS_HELP)
 @config_option(ExtractConfig, "device", type=DEVICE_CHOICE)
 @config_option(ExtractConfig, "amp", help="bf16 autocast (CUDA only).")
+@precision_option(ExtractConfig)
 @config_option(ExtractConfig, "wait", help="If another process is writing the same cache, wait for it.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @launch_options
@@ -578,6 +590,7 @@ def _find_cache(model, data, data_config, *, weights, image_size, dtype, cache_d
 @config_option(FinetuneConfig, "freeze_backbone",
                help="The classic fixed-feature loop: backbone frozen in eval mode, images through it every epoch.")
 @config_option(FinetuneConfig, "amp", help="bf16 autocast (CUDA only).")
+@precision_option(FinetuneConfig)
 @config_option(FinetuneConfig, "device", type=DEVICE_CHOICE)
 @config_option(FinetuneConfig, "num_workers", type=WORKERS, show_default=WORKERS_DEFAULT, help=WORKERS_HELP)
 @config_option(FinetuneConfig, "cache_dir", help="Where --data demo is rendered.")
@@ -768,6 +781,7 @@ QUICK_BENCH_MODELS = ("resnet18",)  # bench --quick without --models
 @config_option(BenchConfig, "weights", metavar="none|imagenet|PATH",
                help="Backbone weights (speed does not depend on them; 'none' needs no network).")
 @config_option(BenchConfig, "device", type=click.Choice(["cpu", "cuda"]))
+@precision_option(BenchConfig)
 @config_option(BenchConfig, "repeat", help="Runs of every path (interleaved); medians reported.")
 @config_option(BenchConfig, "quick", help="Smoke run (about 40 s on an idle machine): tiny demo, 32 px, 2 epochs, "
                                           "1 repeat, no fine-tune.")
@@ -842,6 +856,9 @@ def export(run_dir, out, fmt, weights, cache_file, data_root, atol):
                log=click.echo)
 
 
+from featcache.api import predict as api_predict  # noqa: E402  (predict --precision's default)
+
+
 @cli.command()
 @click.argument("inputs", nargs=-1, required=True, metavar="[RUN_DIR] IMAGE_OR_DIR...")
 @click.option("--model-file", default=None, type=click.Path(dir_okay=False),
@@ -853,8 +870,9 @@ def export(run_dir, out, fmt, weights, cache_file, data_root, atol):
 @click.option("--device", default="cpu", show_default=True, type=DEVICE_CHOICE)
 @click.option("--weights", default=None, metavar="PATH",
               help="With a head-train RUN_DIR whose cache came from --weights PATH: that file.")
+@precision_option(api_predict)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def predict(inputs, model_file, out, batch_size, num_workers, device, weights, quiet):
+def predict(inputs, model_file, out, batch_size, num_workers, device, weights, precision, quiet):
     """Predict the class of images with an exported model or a run: class and probability per class.
 
     Images are batched and decoded in worker processes; folders are walked recursively.
@@ -871,7 +889,7 @@ def predict(inputs, model_file, out, batch_size, num_workers, device, weights, q
         raise UserError("Give --model-file FILE, or a run directory (or exported model file) before the images.")
     model, images = (inputs[0], inputs[1:]) if model_file is None else (model_file, inputs)
     result = run_predict(model, list(images), batch_size=batch_size, num_workers=num_workers, device=device,
-                         weights=weights, progress=not quiet)
+                         weights=weights, progress=not quiet, precision=precision)
     _write_or_echo(result.to_csv(), out)
     for path, reason in result.failed:
         click.echo(f"unreadable: {path} ({reason})", err=True)

@@ -35,6 +35,7 @@ class ExtractConfig:
     dtype: str = "float32"  # "float32" | "float16"
     device: str = "cpu"
     amp: bool = False  # bf16 autocast on CUDA
+    precision: str = "auto"  # "fp32" | "bf16" | "auto" (featcache.precision: bf16 where the device has it natively)
     cache_dir: str = "cache"
     wait: bool = False  # wait for another writer's lock instead of failing
 
@@ -72,6 +73,7 @@ class FinetuneConfig:
     amp: bool = False  # bf16 autocast on CUDA
     device: str = "cpu"
     num_workers: int = -1  # -1 = auto
+    precision: str = "auto"  # "fp32" | "bf16" | "auto", as extract's (the frozen loop computes what extract does)
     eval_batch_size: int = 64  # val/test passes
     cache_dir: str = "cache"  # where --data demo is rendered
 
@@ -87,6 +89,7 @@ class BenchConfig:
     batch_size: int = 32  # training batches and extraction batches
     weights: str = "none"  # speed does not depend on the values; "none" needs no network
     device: str = "cpu"  # "cpu" | "cuda"
+    precision: str = "auto"  # "fp32" | "bf16" | "auto": of every path (the forward limit also in fp32 NCHW)
     repeat: int = 3  # every path runs this many times, interleaved; medians reported
     quick: bool = False  # tiny demo, 32 px, 2 epochs, 1 repeat: the smoke run a test does
     finetune: bool = True  # path 6, the slowest

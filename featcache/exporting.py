@@ -135,6 +135,7 @@ def _module_and_check(run: runs.RunResult, *, weights: str | None, cache: str | 
     """
     if run.mode == "head":
         module, meta, cache_meta = _from_head_run(run, weights=weights, cache=cache)
+        module.check_precision = cache_meta.get("precision")  # the check runs the backbone as extract did
         return module, meta, _head_check(module, run, cache_meta, data_root=data_root, atol=atol)
     if weights is not None:
         raise UserError(f"{run.run_dir} is a {run.mode} run: its best.pt holds every weight; drop --weights.")
@@ -169,7 +170,7 @@ def _write_checked(module: ExportedClassifier, meta: dict, out: Path, *, format:
         _write(module, meta, tmp, format=format)
         loaded = load_model(tmp)
         with torch.no_grad():
-            got = loaded(inputs).double().numpy()  # (n, K)
+            got = _check_logits(loaded, inputs, getattr(module, "check_precision", None))  # (n, K)
         diff = np.abs(got - expected)
         worst = float(np.max(diff))
         if not (diff <= tolerance).all():  # also catches NaN
@@ -183,6 +184,18 @@ def _write_checked(module: ExportedClassifier, meta: dict, out: Path, *, format:
     finally:
         tmp.unlink(missing_ok=True)
     return worst
+
+
+def _check_logits(loaded: nn.Module, inputs: torch.Tensor, arithmetic: str | None) -> np.ndarray:
+    """(n, K) float64 logits of the written module; arithmetic: the precision of the cache the head was trained on
+    (its backbone then runs extract's forward, precision.features), None = a plain call (older caches)."""
+    if arithmetic is None:
+        return loaded(inputs).double().numpy()
+    from featcache.precision import features, prepare
+
+    cpu = torch.device("cpu")
+    feats = features(prepare(loaded.backbone, cpu, arithmetic), inputs, device=cpu, precision=arithmetic)
+    return loaded.head(feats).double().numpy()
 
 
 def _check_hint(mode: str) -> str:

@@ -27,7 +27,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from featcache import cache, distributed
+from featcache import cache, distributed, precision
 from featcache.backbones import check_model, describe_weights, key_transform_is_deferred
 from featcache.config import ExtractConfig
 from featcache.datasets import (DatasetIndex, ImageDataset, ImageLoadError, SkipUnreadable, collate_readable,
@@ -62,12 +62,19 @@ class Measurement:
     batch_size: int
     num_workers: int  # decode workers of each process
     processes: int = 1  # torchrun processes whose shards were merged
+    precision: str = "fp32"  # the forward's arithmetic (featcache.precision.resolve)
+    first_batch_at: float | None = None  # wall clock (time.time()) when the first batch reached the network
+    last_batch_at: float | None = None  # wall clock when the last batch was written: the process's fixed cost is
+    # the time before first_batch_at and after last_batch_at (featcache bench shows both)
 
     def attribute(self) -> dict:
-        """The attribute `extraction`: images, seconds, images_per_s, device, batch_size, num_workers, processes."""
+        """The attribute `extraction`: images, seconds, images_per_s, device, batch_size, num_workers, processes,
+        precision, first_batch_at, last_batch_at."""
         rate = self.images / self.seconds if self.seconds > 0 else 0.0
         return {"images": self.images, "seconds": self.seconds, "images_per_s": rate, "device": self.device,
-                "batch_size": self.batch_size, "num_workers": self.num_workers, "processes": self.processes}
+                "batch_size": self.batch_size, "num_workers": self.num_workers, "processes": self.processes,
+                "precision": self.precision, "first_batch_at": self.first_batch_at,
+                "last_batch_at": self.last_batch_at}
 
     @classmethod
     def from_attribute(cls, attribute: Mapping) -> "Measurement":
@@ -82,6 +89,9 @@ def plan_extraction(config: ExtractConfig) -> ExtractPlan:
         raise UserError(f"--dtype must be float32 or float16, not {config.dtype!r}.")
     if config.batch_size < 1:
         raise UserError("--batch-size must be at least 1.")
+    # in the key: auto differs by machine; --amp (older) is bf16 on CUDA
+    arithmetic = precision.resolve(config.precision, config.device,
+                                   amp=config.amp and config.device.startswith("cuda"))
     root = resolve_data_root(config.data.root, cache_dir=config.cache_dir)
     index = scan_data(root, config.data)
     fingerprint = index.fingerprint(content=config.data.verify_content)  # a stat (or a read) of every image: once
@@ -91,6 +101,7 @@ def plan_extraction(config: ExtractConfig) -> ExtractPlan:
         dataset_fingerprint=fingerprint, class_names=index.class_names,
         split_rule=index.split_rule, model=config.model, weights=weights_tag,
         weights_id=weights_id, transform=transform, dtype=config.dtype,
+        precision=arithmetic,
     )
     short = weights_tag.split(":")[0] if not weights_tag.startswith("file:") else weights_tag.replace(":", "-")
     path = cache.cache_path(config.cache_dir, dataset_name=index.name, model=config.model,
@@ -102,6 +113,7 @@ def plan_extraction(config: ExtractConfig) -> ExtractPlan:
         "dataset_fingerprint": fingerprint, "split_rule": index.split_rule,
         "versions": library_versions(), "created": "",
         "key_mode": "content" if config.data.verify_content else "stat",
+        "precision": arithmetic,
     }
     return ExtractPlan(config=config, index=index, key=key, path=path, meta=meta)
 
@@ -212,7 +224,7 @@ def _run_extraction(plan: ExtractPlan, *, progress: bool, log: Log,
     elif backbone.transform_desc != plan.meta["transform"]:
         raise RuntimeError(f"transform of {config.model} differs from its description: "
                            f"{backbone.transform_desc} != {plan.meta['transform']}")
-    net = _on_device(backbone.net, device)
+    net = precision.prepare(backbone.net, device, plan.meta["precision"])
     splits = {
         s: cache.SplitRows(labels=np.array([x.label for x in samples], dtype=np.int64),
                            paths=[x.path for x in samples])
@@ -227,10 +239,11 @@ def _run_extraction(plan: ExtractPlan, *, progress: bool, log: Log,
     try:
         if config.data.strict:  # rows an interrupted run committed as unreadable fail --strict as well
             _refuse_failed_rows(plan, writer)
-        n_done, reasons = _compute(plan, writer, net=net, backbone=backbone, device=device,
-                                   num_workers=num_workers, progress=progress)
+        n_done, reasons, first_at = _compute(plan, writer, net=net, backbone=backbone, device=device,
+                                             num_workers=num_workers, progress=progress)
         measured = Measurement(images=n_done, seconds=time.perf_counter() - t0, device=str(device),
-                               batch_size=config.batch_size, num_workers=num_workers)
+                               batch_size=config.batch_size, num_workers=num_workers,
+                               precision=plan.meta["precision"], first_batch_at=first_at, last_batch_at=time.time())
         skipped = _skipped_rows(plan, writer, reasons)
         if skipped:  # before the cache is in place: a complete cache always has its list beside it
             write_failures_csv(cache.failures_path(plan.path), skipped)
@@ -255,24 +268,17 @@ class _Batch:
     rows: range
 
 
-def _on_device(net, device):
-    """The network in eval mode on `device` (channels_last on CUDA)."""
-    import torch
-
-    net = net.to(device).eval()
-    return net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
-
-
 def _compute(plan: ExtractPlan, writer, *, net, backbone, device, num_workers: int,
-             progress: bool) -> tuple[int, dict[tuple[str, int], str]]:
-    """Run `net` over the writer's pending batches and commit each; (images computed, reasons).
+             progress: bool) -> tuple[int, dict[tuple[str, int], str], float | None]:
+    """Run `net` over the writer's pending batches and commit each; (images computed, reasons, first batch at).
 
-    reasons: (split, row) -> why its image could not be read, for the rows found unreadable in this run.
+    reasons: (split, row) -> why its image could not be read, for the rows found unreadable in this run;
+    first batch at: the wall clock when the first batch came out of the loader (None: no batch to compute).
     """
     import torch
 
     config = plan.config
-    n_done, reasons = 0, {}
+    n_done, reasons, first_at = 0, {}, None
     with ThreadPoolExecutor(max_workers=1) as pool, progress_bar(progress) as bar:
         samples, batches, tasks = _pending_batches(plan, writer, bar)
         # One loader over every split, so the decode workers start once and have the next batch
@@ -285,13 +291,14 @@ def _compute(plan: ExtractPlan, writer, *, net, backbone, device, num_workers: i
         )
         pending_write = None
         for b, (batch, _index, failures) in zip(batches, loader):
+            first_at = first_at or time.time()
             failed = [b.start + i - b.rows.start for i, _ in failures]  # rows of `b.split`
             for row, (i, reason) in zip(failed, failures):
                 if config.data.strict:
                     raise strict_error(plan.index.root / samples[i].path, reason)
                 reasons[b.split, row] = reason
-            feats = _forward(net, batch, device=device, amp=config.amp, dtype=np.dtype(config.dtype),
-                             feature_dim=backbone.spec.feature_dim)  # (B', D): the readable images of the batch
+            feats = _forward(net, batch, device=device, arithmetic=plan.meta["precision"],
+                             dtype=np.dtype(config.dtype), feature_dim=backbone.spec.feature_dim)  # (B', D): the readable images of the batch
             if pending_write is not None:
                 pending_write.result()
             # HDF5 writing overlaps the next batch's decode and forward pass.
@@ -301,7 +308,7 @@ def _compute(plan: ExtractPlan, writer, *, net, backbone, device, num_workers: i
                 bar.advance(tasks[b.split], len(b.rows))
         if pending_write is not None:
             pending_write.result()
-    return n_done, reasons
+    return n_done, reasons, first_at
 
 
 def _pending_batches(plan: ExtractPlan, writer, bar) -> tuple[list, list[_Batch], dict]:
@@ -318,19 +325,15 @@ def _pending_batches(plan: ExtractPlan, writer, bar) -> tuple[list, list[_Batch]
     return samples, batches, tasks
 
 
-def _forward(net, batch, *, device, amp: bool, dtype: np.dtype, feature_dim: int) -> np.ndarray:
-    """(B', D) features in `dtype` of a collated batch of readable images ((0, D) when it has none)."""
-    import torch
+def _forward(net, batch, *, device, arithmetic: str, dtype: np.dtype, feature_dim: int) -> np.ndarray:
+    """(B', D) features in `dtype` of a collated batch of readable images ((0, D) when it has none).
 
+    arithmetic: the resolved precision; precision.features is also the classic frozen loop's forward.
+    """
     if batch is None:  # no readable image in this batch
         return np.zeros((0, feature_dim), dtype)
-    images = batch[0].to(device, non_blocking=True)
-    if device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
-                                                enabled=amp and device.type == "cuda"):
-        feats = net(images)  # (B', D)
-    return feats.float().cpu().numpy().astype(dtype, copy=False)
+    feats = precision.features(net, batch[0], device=device, precision=arithmetic)  # (B', D) float32
+    return feats.cpu().numpy().astype(dtype, copy=False)
 
 
 def _refuse_failed_rows(plan: ExtractPlan, writer: cache.CacheWriter) -> None:

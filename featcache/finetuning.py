@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from featcache import distributed, metrics, plots, runs
+from featcache import distributed, metrics, plots, precision, runs
 from featcache.backbones import (Backbone, build_backbone, check_finetunable, make_finetune_net, make_train_transform,
                                  pick_device)
 from featcache.config import FinetuneConfig, TrainConfig
@@ -265,6 +265,7 @@ def _check_options(config: FinetuneConfig, device: torch.device, *, log: Log) ->
     """UserError for options this device cannot run; a note for options that give up parity."""
     if config.amp and device.type != "cuda":
         raise UserError("--amp is bf16 autocast on CUDA; add --device cuda or drop --amp.")
+    precision.check(config.precision)
     if config.augment and config.freeze_backbone:
         log("note: --augment with --freeze-backbone departs from the cached frozen mode (no parity)")
 
@@ -456,10 +457,13 @@ class _Loop:
         # of the scanned dataset, unreadable images included (index no longer holds them)
         self.dataset_fingerprint = dataset_fingerprint or index.fingerprint()
         self._stop = _NO_SIGNAL  # set by run(): SIGTERM received
+        self.first_batch_at: float | None = None  # wall clock of this process's first train batch (bench's fixed cost)
         self.checkpoints = _Checkpoints(run_dir=run_dir, group=self.group, device=device)
         self.backbone = backbone
         self.num_classes = len(index.class_names)
-        self.net = _build_network(backbone, plan, config, device=device)
+        # the backbone's arithmetic (precision.resolve); the frozen loop's forward is extract's (precision.features)
+        self.precision = precision.resolve(config.precision, str(device), amp=config.amp)
+        self.net = _build_network(backbone, plan, config, device=device).to(memory_format=torch.channels_last)
         self.optimizer = _make_optimizer([p for p in self.net.parameters() if p.requires_grad], train)
         # what the training forward pass calls: with DDP, its backward averages gradients over the processes
         self.trained = self.group.wrap(self.net.head if config.freeze_backbone else self.net, device=device,
@@ -479,8 +483,16 @@ class _Loop:
             self.net.backbone.eval()  # BatchNorm statistics and Dropout of the backbone stay frozen
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16,
-                              enabled=self.config.amp and self.device.type == "cuda")
+        return precision.autocast(self.device, self.precision)
+
+    def _forward(self, images: torch.Tensor, *, net: nn.Module) -> torch.Tensor:
+        """(B, K) float32 logits of `net` (self.trained or self.net): frozen, the backbone runs extract's forward
+        (precision.features) and the head float32 on its features; fine-tuning, all of it under autocast."""
+        if self.config.freeze_backbone:
+            feats = precision.features(self.net.backbone, images, device=self.device, precision=self.precision)
+            return net(feats) if net is self.trained else net.head(feats)
+        with self._autocast():
+            return net(precision.to_input(images, self.device)).float()
 
     def _train_epoch(self, epoch: int, bar) -> tuple[float, float]:
         """One epoch of the plan's batches; (train loss, train acc), means over its mini-batches."""
@@ -495,6 +507,7 @@ class _Loop:
         global_sizes = self.plan.batch_sizes()
         task = bar.add_task(f"epoch {epoch + 1}/{self.plan.epochs}", total=self.plan.n_train, info="") if bar else None
         for step, (images, labels, _) in enumerate(_readable(self.train_loader)):
+            self.first_batch_at = self.first_batch_at or time.time()
             self._stop_if_asked(epoch)
             loss_sum, right, n = self._train_step(images, labels, global_rows=int(global_sizes[step]))
             loss_sums.append(loss_sum)
@@ -513,14 +526,8 @@ class _Loop:
         """One optimizer step on a batch; its (loss sum, correct, rows), with DDP summed over the processes."""
         images = images.to(self.device, non_blocking=True)  # (B, 3, S, S) float32
         labels = labels.to(self.device, non_blocking=True)  # (B,) int64
-        with self._autocast():
-            if self.config.freeze_backbone:
-                with torch.no_grad():
-                    feats = self.net.backbone(images)
-                logits = self.trained(feats.float())
-            else:
-                logits = self.trained(images)
-            loss = classification_loss(logits.float(), labels, self.class_weights)
+        logits = self._forward(images, net=self.trained)
+        loss = classification_loss(logits, labels, self.class_weights)
         # rows count by their class weight: the global batch's weighted mean is sum(w * l) / sum(w) over all ranks
         local_w = len(labels) if self.class_weights is None else float(self.class_weights[labels].sum())
         (global_w,) = (global_rows,) if self.class_weights is None else self.group.sum(local_w)
@@ -542,8 +549,7 @@ class _Loop:
         self._set_modes(False)
         out = []
         for images, _, _ in _readable(self.eval_loaders[split]):
-            with self._autocast():
-                out.append(self.net(images.to(self.device, non_blocking=True)).float().cpu().numpy())
+            out.append(self._forward(images.to(self.device, non_blocking=True), net=self.net).cpu().numpy())
         local = np.concatenate(out) if out else np.zeros((0, self.plan.weight.shape[0]), np.float32)
         return self.group.gather_rows(local)  # with DDP: every process's rows, in order
 
@@ -626,6 +632,7 @@ class _Loop:
         # best.pt's val logits for the operating point and temperature (NaN when nothing was scored)
         val_logits = (self.logits("val") if good else
                       np.full((len(self.index.splits["val"]), test_logits.shape[1]), np.nan, np.float32))
+        last_batch_at = time.time()  # the network's last batch is done: the rest is writing the run
         test_labels = np.array([s.label for s in self.index.splits["test"]])
         selected = metrics.select_epoch(good or history)
         summary = metrics.summarize(history, selected, test_logits=test_logits, test_labels=test_labels,
@@ -638,7 +645,8 @@ class _Loop:
             self.run_dir, mode=mode, config=self.config, train=self.train, backbone=self.backbone,
             index=self.index, dataset_fingerprint=self.dataset_fingerprint,
             head=(head.weight.detach().cpu().numpy(), head.bias.detach().cpu().numpy()),
-            history=history, summary=summary, selected=selected, diverged=diverged,
+            history=history, summary=summary, selected=selected, diverged=diverged, arithmetic=self.precision,
+            batches_at=(self.first_batch_at, last_batch_at),
             clinical=self._clinical(val_logits=val_logits, test_logits=test_logits, mode=mode)))
 
     def _clinical(self, *, val_logits: np.ndarray, test_logits: np.ndarray, mode: str) -> dict:
@@ -666,11 +674,14 @@ class _Loop:
 def _write_run(run_dir: Path, *, mode: str, config: FinetuneConfig, train: TrainConfig, backbone: Backbone,
                index: DatasetIndex, dataset_fingerprint: str, head: tuple[np.ndarray, np.ndarray],
                history: list[metrics.EpochRecord], summary: metrics.RunSummary, selected: int,
-               diverged: str | None, clinical: dict | None = None) -> runs.RunResult:
+               diverged: str | None, clinical: dict | None = None, arithmetic: str = "fp32",
+               batches_at: tuple[float | None, float] | None = None) -> runs.RunResult:
     """head.npz, history.csv, curves.png and metrics.json of a finished run (rank 0 only).
 
     head: (weight (K, D) float32, bias (K,) float32) of the selected epoch; clinical: runs.write_clinical's
-    record, stored as extra["clinical"].
+    record, stored as extra["clinical"]; arithmetic: the resolved precision, stored as extra["precision"];
+    batches_at: wall clock of the first train batch and of the end of the last pass (timings first_batch_at,
+    last_batch_at: what featcache bench reads the process's fixed cost from).
     """
     weight, bias = head
     runs.save_head(run_dir / runs.HEAD_FILE, weight=weight, bias=bias, class_names=index.class_names)
@@ -678,13 +689,21 @@ def _write_run(run_dir: Path, *, mode: str, config: FinetuneConfig, train: Train
     plots.plot_curves(history, run_dir / runs.CURVES_FILE, f"{config.model} — {mode}", selected=selected)
     return runs.finish_run(
         run_dir, mode=mode, model=config.model, config=train, summary=summary,
-        history=history, timings={"train_s": sum(r.seconds for r in history)},
+        history=history, timings={"train_s": sum(r.seconds for r in history),
+                                  **_batch_times(batches_at)},
         versions=library_versions(),
         extra={"finetune": asdict(config), "dataset_root": str(index.root),
                "dataset_fingerprint": dataset_fingerprint, "weights": backbone.weights_tag,
-               "transform": backbone.transform_desc, "diverged_reason": diverged,
+               "transform": backbone.transform_desc, "diverged_reason": diverged, "precision": arithmetic,
                **({"clinical": clinical} if clinical is not None else {})},
     )
+
+
+def _batch_times(batches_at: tuple[float | None, float] | None) -> dict:
+    """timings first_batch_at / last_batch_at (wall clock), those known."""
+    if batches_at is None:
+        return {}
+    return {k: float(v) for k, v in zip(("first_batch_at", "last_batch_at"), batches_at) if v is not None}
 
 
 class _Flag:

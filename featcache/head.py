@@ -17,11 +17,12 @@ Never imports torch (tests check `sys.modules`).
 from __future__ import annotations
 
 import math
+import os
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,15 +40,27 @@ ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 
 
-class LinearHead(nn.Module):
-    """logits = x @ kernel + bias, kernel (D, K) = nn.Linear.weight.T."""
+class LinearHead(NamedTuple):
+    """logits = x @ kernel + bias, kernel (D, K) = nn.Linear.weight.T; `apply(params, x)` as a Flax Dense layer
+    named "linear" computes it (the same params tree), without importing Flax (0.4 s of every head-train start)."""
 
     num_outputs: int
 
-    @nn.compact
-    def __call__(self, x):  # (N, D) -> (N, K)
+    def apply(self, params: dict, x: jax.Array) -> jax.Array:  # (N, D) -> (N, K)
+        linear = params["params"]["linear"]
         # HIGHEST: full float32 matmuls on GPUs too (torch does not use TF32 for matmuls by default)
-        return nn.Dense(self.num_outputs, precision=jax.lax.Precision.HIGHEST, name="linear")(x)
+        return jnp.dot(x, linear["kernel"], precision=jax.lax.Precision.HIGHEST) + linear["bias"]
+
+
+def enable_compilation_cache(directory: str | Path) -> None:
+    """Keep JAX's compiled programs in `directory` (its persistent compilation cache, keyed by the program and its
+    shapes): a second head-train of the same shapes loads its program instead of compiling it (~0.7 s). A
+    JAX_COMPILATION_CACHE_DIR set by the user wins; every program is kept, however fast it compiled."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def params_from_linear(weight: np.ndarray, bias: np.ndarray) -> dict:

@@ -22,7 +22,9 @@ imports this module for the --solver choices and must start neither numpy nor ja
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import functools
 import sys
 import time
 from dataclasses import dataclass
@@ -44,7 +46,10 @@ DEFAULT_DRAWS = 5  # few-shot draws per K when --draws is not given
 SOLVER_ALIASES = {"optax": "sgd"}  # earlier names, still accepted
 DEFAULT_SOLVER = "sgd"
 
-Figure = Callable[[Path], object]  # draws one PNG at the path it is given
+Figure = Callable[[Path], object]  # draws one PNG at the path it is given (picklable: drawn in the figure worker)
+# The figure worker (featcache.figure_worker) of the head-train under way: head_train starts it before loading
+# and fitting, write_head_run hands it the run's figures and waits for them before metrics.json.
+_FIGURES: contextvars.ContextVar = contextvars.ContextVar("featcache_head_figures", default=None)
 
 
 def solver_name(solver: str) -> str:
@@ -98,6 +103,32 @@ def head_train(*, cache: str | Path, config: TrainConfig, solver: str = DEFAULT_
                       shots=shots, draws=draws)
     from featcache.runs import check_report_options
     check_report_options(config)  # --class-weight, --operating-point, --bootstrap: before any loading
+    from featcache.figure_worker import FigureWorker
+
+    with FigureWorker.start() as figures:  # matplotlib loads in the child while this process fits
+        token = _FIGURES.set(figures)
+        if solver != "ridge":  # ridge is numpy only
+            from featcache.head import enable_compilation_cache
+
+            enable_compilation_cache(compilation_cache_dir(cache))
+        try:
+            return _dispatch(cache=cache, config=config, solver=solver, lrs=lrs, weight_decays=weight_decays,
+                             seed_list=seed_list, grid=grid, l2s=l2s, cs=cs, ks=ks, temperature=temperature,
+                             shots=shots, draws=draws, stream=stream, stream_memory_mib=stream_memory_mib,
+                             run_name=run_name, progress=progress)
+        finally:
+            _FIGURES.reset(token)
+
+
+def compilation_cache_dir(cache: str | Path) -> Path:
+    """Where head-train keeps JAX's compiled programs: `.jax-programs` beside the cache file (in its dataset's
+    folder of the cache dir); keyed by program and shapes, so one folder serves every cache of that dataset."""
+    return Path(cache).resolve().parent / ".jax-programs"
+
+
+def _dispatch(*, cache, config: TrainConfig, solver: str, lrs: list, weight_decays: list, seed_list: list,
+              grid: bool, l2s, cs, ks, temperature, shots, draws, stream, stream_memory_mib, run_name, progress):
+    """head_train's solver call, its options checked."""
     if shots is not None:
         return train_fewshot(cache=cache, config=config, solver=solver, shots=shots,
                              draws=DEFAULT_DRAWS if draws is None else draws, cs=cs, ks=ks, temperature=temperature,
@@ -187,10 +218,12 @@ def train_head(*, cache: str | Path, config: TrainConfig, run_name: str | None =
 
         data = load_splits(cache, meta=meta, progress=progress)
         fit = fit_head(*data.arrays, num_classes=len(data.class_names), config=config, class_names=data.class_names)
-        timings, extra, waited = {"load_s": data.load_s, **fit.timings}, {}, ""
-    _say(progress, f"Compiled in {fit.timings['compile_s']:.2f} s; trained {config.epochs} epochs "
-                   f"in {fit.timings['train_s']:.3f} s{waited}")
-    curves = {CURVES_FILE: lambda path: plot_curves(fit.history, path, title=run_title(meta), selected=fit.selected)}
+        ended = time.time()  # wall clock: the program's run is the "batches" of featcache bench's fixed cost
+        timings, extra, waited = {"load_s": data.load_s, **fit.timings, "first_batch_at": ended - fit.timings["train_s"],
+                                  "last_batch_at": ended}, {}, ""
+    _say(progress, f"compile {fit.timings['compile_s']:.2f} s + train {fit.timings['train_s']:.3f} s "
+                   f"({config.epochs} epochs) = training time {fit.summary.training_time:.2f} s{waited}")
+    curves = {CURVES_FILE: functools.partial(plot_curves, fit.history, title=run_title(meta), selected=fit.selected)}
     return write_head_run(cache=cache, meta=meta, config=config, summary=fit.summary, timings=timings,
                           history=fit.history, head=fit.head_weights, figures=curves, extra=extra,
                           run_name=run_name, progress=progress, test_logits=fit.test_logits,
@@ -557,16 +590,13 @@ def write_head_run(*, cache: str | Path, meta: Mapping, config: TrainConfig, sum
     from featcache.environment import library_versions
 
     run_dir = runs.new_run_dir(runs_dir=config.runs_dir, mode="head", model=meta["model"], name=run_name)
-    class_names = list(summary.class_names)
     if head is not None:
-        runs.save_head(run_dir / runs.HEAD_FILE, weight=head.weight, bias=head.bias, class_names=class_names,
-                       mean=head.mean, std=head.std)
+        runs.save_head(run_dir / runs.HEAD_FILE, weight=head.weight, bias=head.bias,
+                       class_names=list(summary.class_names), mean=head.mean, std=head.std)
     if history:
         runs.write_history_csv(run_dir / runs.HISTORY_FILE, history)
-    for name, draw in (figures or {}).items():
-        draw(run_dir / name)
-    clinical = head and _write_clinical(run_dir, cache=cache, meta=meta, config=config, head=head, logits=test_logits,
-                                        splits=splits)
+    clinical = _draw_and_score(run_dir, cache=cache, meta=meta, config=config, head=head, figures=figures,
+                               test_logits=test_logits, splits=splits)
     record = {**({"solver": solver} if solver else {}),
               "weights": meta.get("weights"), "dataset_name": meta.get("dataset_name"),
               "feature_dim": meta.get("feature_dim"), "cache_dtype": meta.get("dtype"),
@@ -581,6 +611,19 @@ def write_head_run(*, cache: str | Path, meta: Mapping, config: TrainConfig, sum
     return result
 
 
+def _draw_and_score(run_dir: Path, *, cache, meta: Mapping, config: TrainConfig, head: HeadWeights | None,
+                    figures: Mapping[str, Figure] | None, test_logits, splits: CacheSplits | None) -> dict | None:
+    """Every figure of the run, drawn by the figure worker head_train started (else here), and the clinical record
+    (None without a linear head); returns once every figure is written, so metrics.json can follow."""
+    drawer = _FIGURES.get() or _here()
+    for name, draw in (figures or {}).items():
+        drawer.call(draw, run_dir / name)
+    clinical = head and _write_clinical(run_dir, cache=cache, meta=meta, config=config, head=head, logits=test_logits,
+                                        splits=splits, figures=drawer)
+    drawer.wait()
+    return clinical
+
+
 def head_logits(head: HeadWeights, features) -> "np.ndarray":
     """(N, K) float64 logits of head.npz's head on features (N, D): ((x - mean) / std) @ weight.T + bias, the
     z-scoring in float32 as standardize.prepare_splits does it."""
@@ -593,7 +636,7 @@ def head_logits(head: HeadWeights, features) -> "np.ndarray":
 
 
 def _write_clinical(run_dir: Path, *, cache: str | Path, meta: Mapping, config: TrainConfig, head: HeadWeights,
-                    logits, splits: CacheSplits | None) -> dict:
+                    logits, splits: CacheSplits | None, figures=None) -> dict:
     """runs.write_clinical of a head run: val and test rows (and train labels) from `splits`, or read again
     from the cache when the fit did not load it (streamed)."""
     from featcache.cache import FeatureReader, load_paths
@@ -611,7 +654,13 @@ def _write_clinical(run_dir: Path, *, cache: str | Path, meta: Mapping, config: 
         run_dir, val_logits=head_logits(head, x_val), val_labels=y_val,
         test_logits=head_logits(head, x_test) if logits is None else logits, test_labels=y_test,
         test_paths=load_paths(cache, "test"), num_classes=len(meta["class_names"]), config=config,
-        train_labels=y_train, title=run_title(meta))
+        train_labels=y_train, title=run_title(meta), figures=figures)
+
+
+def _here():
+    from featcache.figure_worker import FigureWorker
+
+    return FigureWorker.here()
 
 
 def divergence_reason(history: Sequence[EpochRecord], *, num_classes: int) -> str:

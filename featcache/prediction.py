@@ -20,6 +20,7 @@ from torch import nn
 from featcache import metrics
 from featcache.datasets import IMAGE_EXTENSIONS, ImageDataset, Sample, SkipUnreadable, collate_readable
 from featcache.errors import UserError
+from featcache.precision import features, prepare as prepare_net, resolve as resolve_precision
 from featcache.progress import progress_bar
 
 
@@ -70,7 +71,7 @@ def _cell(text: str) -> str:
 
 def predict(model: nn.Module | str | Path, images: str | Path | Sequence[str | Path], *, batch_size: int = 64,
             num_workers: int = -1, device: str = "cpu", weights: str | None = None,
-            progress: bool = False) -> Predictions:
+            progress: bool = False, precision: str = "auto") -> Predictions:
     """Classify images with an exported model.
 
     Args:
@@ -84,6 +85,7 @@ def predict(model: nn.Module | str | Path, images: str | Path | Sequence[str | P
         device: "cpu", "cuda", "cuda:N" or "auto".
         weights: for a head-train run directory whose cache came from a weights file: that file.
         progress: a progress bar on an interactive stderr.
+        precision: "fp32", "bf16" or "auto" (featcache.precision): the backbone's arithmetic; the head is float32.
 
     Returns:
         Predictions. Raises UserError for a bad model, a path that does not exist or no images at all.
@@ -95,7 +97,8 @@ def predict(model: nn.Module | str | Path, images: str | Path | Sequence[str | P
     paths = collect_images([images] if isinstance(images, (str, Path)) else images)
     module = resolve_model(model, weights=weights)
     torch_device = pick_device(device)
-    module = module.to(torch_device).eval()
+    arithmetic = resolve_precision(precision, str(torch_device))
+    module = prepare_net(module, torch_device, arithmetic)
     if num_workers < 0:
         from featcache.environment import default_num_workers
 
@@ -112,8 +115,7 @@ def predict(model: nn.Module | str | Path, images: str | Path | Sequence[str | P
         for batch, index, failures in loader:
             failed += [(paths[i], reason) for i, reason in failures]
             if batch is not None:
-                with torch.inference_mode():
-                    logits.append(module(batch[0].to(torch_device, non_blocking=True)).float().cpu().numpy())
+                logits.append(_logits(module, batch[0], device=torch_device, arithmetic=arithmetic))
                 kept += index
             if bar:
                 bar.update(task, advance=len(index) + len(failures), info=f"{len(failed)} unreadable")
@@ -124,6 +126,14 @@ def predict(model: nn.Module | str | Path, images: str | Path | Sequence[str | P
     rows = [Prediction(path=paths[i], predicted=module.class_names[c], probabilities=tuple(float(p) for p in prob))
             for i, c, prob in zip(kept, predicted, probabilities)]
     return Predictions(class_names=list(module.class_names), rows=rows, failed=failed, logits=all_logits)
+
+
+def _logits(module: nn.Module, images: torch.Tensor, *, device, arithmetic: str) -> np.ndarray:
+    """(B, K) float32 logits: the backbone by extract's forward (precision.features), the head in float32."""
+    if isinstance(getattr(module, "backbone", None), nn.Module) and isinstance(getattr(module, "head", None), nn.Module):
+        with torch.inference_mode():
+            return module.head(features(module.backbone, images, device=device, precision=arithmetic)).cpu().numpy()
+    return features(module, images, device=device, precision=arithmetic).cpu().numpy()
 
 
 def resolve_model(model: nn.Module | str | Path, *, weights: str | None = None) -> nn.Module:

@@ -229,7 +229,7 @@ def finish_run(run_dir: str | Path, *, mode: str, model: str, config: TrainConfi
         "class_names": result.class_names,
         "diverged": summary.diverged,
         "config": dataclasses.asdict(config),
-        "summary": summary.to_dict(),
+        "summary": {**summary.to_dict(), **split_seconds(result.timings)},
         "history": [r.to_dict() for r in result.history],
         "timings": result.timings,
         "versions": result.versions,
@@ -239,6 +239,14 @@ def finish_run(run_dir: str | Path, *, mode: str, model: str, config: TrainConfi
     text = json.dumps(doc, indent=2, allow_nan=False)
     atomic_write_bytes(run_dir / METRICS_FILE, text.encode())
     return result
+
+
+def split_seconds(timings: Mapping[str, float]) -> dict:
+    """The summary's compile_seconds and train_seconds (a JAX program's compilation and its run, which
+    summary.training_time adds up), from timings compile_s and train_s; {} for a run without a compile."""
+    if "compile_s" not in timings or "train_s" not in timings:
+        return {}
+    return {"compile_seconds": float(timings["compile_s"]), "train_seconds": float(timings["train_s"])}
 
 
 def is_finished(run_dir: str | Path) -> bool:
@@ -345,6 +353,8 @@ def _check_summary(summary, num_classes: int) -> None:
     for k in ("selected_epoch", "epochs"):
         _check(isinstance(summary.get(k), int) and not isinstance(summary.get(k), bool), f"summary.{k} is not an int")
     _check(isinstance(summary.get("diverged"), bool), "summary.diverged is not true or false")
+    _check(all(_is_number(summary.get(k), none=False) for k in ("compile_seconds", "train_seconds") if k in summary),
+           "summary.compile_seconds or train_seconds is not a number")
     _check(summary.get("class_names") == [str(c) for c in summary.get("class_names") or []],
            "summary.class_names is not a list of strings")
 
@@ -445,7 +455,7 @@ def load_test_logits(run_dir: str | Path) -> ScoredRows:
 
 def write_clinical(run_dir: str | Path, *, val_logits: np.ndarray, val_labels: np.ndarray, test_logits: np.ndarray,
                    test_labels: np.ndarray, test_paths: Sequence[str], num_classes: int, config: TrainConfig,
-                   train_labels: np.ndarray | None, title: str) -> dict:
+                   train_labels: np.ndarray | None, title: str, figures=None) -> dict:
     """test_logits.npz, roc.png and calibration.png of a run; returns its `clinical_record` (for extra["clinical"]).
 
     Args:
@@ -453,6 +463,7 @@ def write_clinical(run_dir: str | Path, *, val_logits: np.ndarray, val_labels: n
             (N_val,), (N_test,) int; test_paths: (N_test,) image paths relative to the dataset root, row-aligned.
         num_classes: C; config: operating_point, bootstrap, class_weight; train_labels: see clinical_record.
         title: the figures' title.
+        figures: a figure_worker.FigureWorker that draws them (off the caller's critical path); None = here.
     """
     from featcache.plots import plot_calibration, plot_roc
 
@@ -461,8 +472,10 @@ def write_clinical(run_dir: str | Path, *, val_logits: np.ndarray, val_labels: n
                              test_labels=test_labels, num_classes=num_classes, config=config, train_labels=train_labels)
     save_test_logits(run_dir / TEST_LOGITS_FILE, logits=test_logits, labels=test_labels, paths=test_paths)
     if np.isfinite(np.asarray(test_logits, dtype=np.float64)).all():  # a diverged run has no curve to draw
-        plot_roc({"test": (test_logits, test_labels)}, run_dir / ROC_FILE, f"ROC, {title}", num_classes=num_classes)
-        plot_calibration(test_logits, test_labels, run_dir / CALIBRATION_FILE, f"Reliability, {title}",
-                         num_classes=num_classes, bins=record["calibration"]["bins"],
-                         temperature=record["calibration"]["temperature"])
+        draw = figures.call if figures is not None else (lambda f, *args, **kwargs: f(*args, **kwargs))
+        draw(plot_roc, {"test": (test_logits, test_labels)}, run_dir / ROC_FILE, f"ROC, {title}",
+             num_classes=num_classes)
+        draw(plot_calibration, test_logits, test_labels, run_dir / CALIBRATION_FILE, f"Reliability, {title}",
+             num_classes=num_classes, bins=record["calibration"]["bins"],
+             temperature=record["calibration"]["temperature"])
     return record

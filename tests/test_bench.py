@@ -82,6 +82,26 @@ def test_quick_ratios_are_recomputed_from_the_times_in_the_file(quick_run):
     assert sc["head"][1]["expected"] == 4
 
 
+def test_quick_records_precision_forward_limits_and_fixed_costs(quick_run):
+    from featcache.precision import resolve
+
+    _, doc, _ = quick_run
+    record = doc["models"]["resnet18"]
+    p, r = record["paths"], record["summary"]["ratios"]
+    assert doc["settings"]["precision"] == "auto" and record["precision"] == resolve("auto", "cpu")
+    limits = {"fp32_nchw_s", "fp32_s"} | ({"bf16_s"} if record["precision"] == "bf16" else set())
+    assert limits <= set(p["forward"]) and all(p["forward"][k][0] > 0 for k in limits)
+    assert p["forward"]["inproc_s"] == p["forward"][f"{record['precision']}_s"]  # extract's arithmetic
+    assert r["extract_over_fp32_nchw_forward"] == pytest.approx(
+        _median(p["forward"]["fp32_nchw_s"]) / _median(p["extract"]["inproc_s"]))
+    fixed = record["summary"]["fixed_parts_s"]
+    assert set(fixed) == {"classic", "extract", "head_cold", "warm"}
+    for name, parts in fixed.items():  # before the first batch + the batches + after the last = the process
+        rec = p[name]
+        assert parts["to_first_batch_s"] > 0 and parts["after_last_batch_s"] > 0, name
+        assert rec["to_first_batch_s"][0] + rec["after_last_batch_s"][0] < rec["wall_s"][0], name
+
+
 def test_quick_table_shows_the_numbers_of_the_file(quick_run):
     output, doc, path = quick_run
     record = doc["models"]["resnet18"]
@@ -93,6 +113,9 @@ def test_quick_table_shows_the_numbers_of_the_file(quick_run):
     assert f"{_median(record['paths']['classic']['wall_s']):.2f}" in output
     assert f"{r['theoretical_classic_over_cold']:.2f}x" in output and f"{r['classic_over_cold']:.2f}x" in output
     assert "(2·(16+8) + 8) / 32" in output
+    fixed = record["summary"]["fixed_parts_s"]["extract"]
+    assert f"{fixed['to_first_batch_s']:.2f}" in output and f"{fixed['after_last_batch_s']:.2f}" in output
+    assert "forward limit, fp32_nchw" in output and f"{r['extract_over_fp32_nchw_forward']:.2f}x" in output
     assert f"result: {path}" in output
     assert bench.render(doc) in output  # the table is a function of the file alone
 

@@ -217,9 +217,9 @@ def test_key_changes_with_every_input():
     keys = {cache.cache_key(**base)}
     for field, value in [("dataset_fingerprint", "g"), ("class_names", ["a", "c"]), ("model", "n"),
                          ("weights", "imagenet"), ("weights_id", "v"), ("transform", {"crop": 64}),
-                         ("dtype", "float16"), ("split_rule", {"val": "carved"})]:
+                         ("dtype", "float16"), ("split_rule", {"val": "carved"}), ("precision", "bf16")]:
         keys.add(cache.cache_key(**{**base, field: value}))
-    assert len(keys) == 9
+    assert len(keys) == 10
     assert cache.cache_key(**base) == cache.cache_key(**dict(base))
 
 

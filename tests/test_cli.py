@@ -153,13 +153,15 @@ TRAIN = ["epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov", "wei
          "runs_dir", "class_weight", "operating_point", "bootstrap"]
 OPTION_SOURCES = {  # command: (config sources, the options that must be found in them)
     "extract": (["ExtractConfig", "DataConfig"], DATA + ["strict", "weights", "image_size", "dtype", "cache_dir",
-                                                         "batch_size", "num_workers", "device", "amp", "wait"]),
+                                                         "batch_size", "num_workers", "device", "amp", "wait",
+                                                         "precision"]),
     "finetune": (["TrainConfig", "FinetuneConfig", "DataConfig"],
                  DATA + TRAIN + ["strict", "weights", "image_size", "augment", "freeze_backbone", "amp", "device",
-                                 "num_workers", "cache_dir"]),
+                                 "num_workers", "cache_dir", "precision"]),
     "compare": (["CompareConfig"], ["bootstrap", "seed", "figure"]),
     "bench": (["BenchConfig"], ["models", "data", "epochs", "image_size", "batch_size", "weights", "device",
-                                "repeat", "quick", "finetune", "scale_factors", "scale_epochs", "out", "work_dir"]),
+                                "repeat", "quick", "finetune", "scale_factors", "scale_epochs", "out", "work_dir",
+                                "precision"]),
     "demo": (["run_demo"], ["model", "weights", "image_size", "epochs", "finetune_epochs", "lr", "cache_dir",
                             "runs_dir"]),
     # head-train: its options are rewritten on another branch (the seams-heads work); until that lands they are

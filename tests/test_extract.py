@@ -201,7 +201,8 @@ def test_features_are_the_cut_network_on_the_transformed_images(data, tmp_path):
 
     from featcache.datasets import ImageDataset
 
-    path = _extract(data, tmp_path / "cache", batch_size=5)  # a short last batch in every split
+    # fp32: the plain network's numbers (bf16's are checked against these in test_precision)
+    path = _extract(data, tmp_path / "cache", batch_size=5, precision="fp32")  # a short last batch in every split
     backbone = featcache.backbones.build_backbone("resnet18", weights="none", image_size=32)
     index = scan_dataset(data)
     for split in SPLITS:
@@ -222,7 +223,7 @@ def test_features_are_the_cut_network_on_the_transformed_images(data, tmp_path):
         np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-5)
         assert features.std() > 0.01  # real features, not a constant fill
 
-    half = _extract(data, tmp_path / "cache", batch_size=5, dtype="float16")
+    half = _extract(data, tmp_path / "cache", batch_size=5, dtype="float16", precision="fp32")
     for split in SPLITS:
         x16, _, meta = featcache.load_features(half, split)
         assert x16.dtype == np.float16 and meta["dtype"] == "float16"

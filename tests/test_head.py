@@ -284,7 +284,8 @@ def test_train_head_writes_a_finished_run(tmp_path, monkeypatch):
     assert result.run_dir.parent == tmp_path / "runs" and result.run_dir.name.endswith("-head-resnet18")
     assert replaced[-1] == "metrics.json"  # metrics.json marks a finished run: written last
     assert {"head.npz", "history.csv", "curves.png"} <= set(replaced)
-    assert set(result.timings) == {"load_s", "compile_s", "train_s"}
+    assert set(result.timings) == {"load_s", "compile_s", "train_s", "first_batch_at", "last_batch_at"}
+    assert result.timings["last_batch_at"] - result.timings["first_batch_at"] == pytest.approx(result.timings["train_s"], abs=1e-5)
     loaded = runs.load_run(result.run_dir)
     assert loaded.summary == result.summary and loaded.history == result.history and loaded.config == config
     assert loaded.cache == {"key": "abc123def456", "path": "cache/x.h5"}

@@ -67,6 +67,10 @@ def summarize_model(record: dict, *, counts: dict, epochs: int) -> dict:
             med(p["warm"], "compile_s") + med(p["warm"], "train_s")),
         "extract_over_forward": med(p["forward"], "inproc_s") / med(p["extract"], "inproc_s"),
     }
+    fw = p["forward"]
+    if "fp32_nchw_s" in fw:  # the forward limit per precision (older result files lack it)
+        ratios["extract_over_fp32_nchw_forward"] = med(fw, "fp32_nchw_s") / med(p["extract"], "inproc_s")
+        ratios["forward_over_fp32_nchw_forward"] = med(fw, "fp32_nchw_s") / med(fw, "inproc_s")
     ratios["classic_over_cold_of_theory"] = ratios["classic_over_cold"] / theory
     ratios["classic_over_cold_inproc_of_theory"] = ratios["classic_over_cold_inproc"] / theory
     if "finetune" in p:
@@ -74,6 +78,9 @@ def summarize_model(record: dict, *, counts: dict, epochs: int) -> dict:
     out["ratios"] = ratios
     out["fixed_s"] = {  # wall - in-process: start-up, imports, dataset scan, model build, run directory
         name: med(p[name]) - med(p[name], "inproc_s") for name in ("classic", "extract", "head_cold", "warm")}
+    out["fixed_parts_s"] = {  # the fixed cost split: before the first batch, after the last (newer results only)
+        name: {"to_first_batch_s": med(rec, "to_first_batch_s"), "after_last_batch_s": med(rec, "after_last_batch_s")}
+        for name, rec in p.items() if "to_first_batch_s" in rec}
     ext, head = record["scaling"]["extract"], record["scaling"]["head"]
     out["scaling"] = {
         "extract": [{"factor": pt["factor"], "images": pt["images"],

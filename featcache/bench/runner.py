@@ -44,12 +44,12 @@ def effective_config(config: BenchConfig) -> BenchConfig:
 
 def check_config(config: BenchConfig) -> None:
     """Raise UserError for settings the benchmark cannot run."""
-    from featcache.backbones import get_spec
+    from featcache.backbones import check_model
 
     if not config.models:
         raise UserError("No model to benchmark; pass --models with one or more names (featcache models lists them).")
     for model in config.models:
-        get_spec(model)  # UserError naming an unknown model and the choices
+        check_model(model)  # UserError naming an unknown model and close names
     for name in ("epochs", "batch_size", "repeat"):
         if getattr(config, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1.")
@@ -149,9 +149,10 @@ class _Runner:
     def _run(self, args: Sequence[str], what: str) -> tuple[float, str]:
         """Run `python ARGS` to completion; (wall seconds, stdout). UserError if it fails."""
         cmd = [sys.executable, *map(str, args)]
-        t0 = time.perf_counter()
+        launched, t0 = time.time(), time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=self.env, cwd=self.work)
         wall = time.perf_counter() - t0
+        self.span = (launched, launched + wall)  # wall clock of the last process: start and end
         if proc.returncode != 0:
             lines = (proc.stderr.strip() or proc.stdout.strip() or "(no output)").splitlines()
             raise UserError(f"{what} failed (exit {proc.returncode}): {lines[-1]} -- command: "
@@ -159,12 +160,19 @@ class _Runner:
         self.log(f"  {what}: {wall:.2f} s")
         return wall, proc.stdout
 
+    def _fixed(self, first_batch_at: float | None, last_batch_at: float | None) -> dict:
+        """The last process's fixed cost: seconds from its start to its first batch and after its last batch."""
+        if first_batch_at is None or last_batch_at is None:
+            return {}
+        launched, ended = self.span
+        return {"to_first_batch_s": first_batch_at - launched, "after_last_batch_s": ended - last_batch_at}
+
     def _cli(self, *args) -> list[str]:
         return ["-m", "featcache", *args]
 
     def _backbone_args(self, model: str) -> list[str]:
         c = self.config
-        args = ["--model", model, "--weights", c.weights]
+        args = ["--model", model, "--weights", c.weights, "--precision", c.precision]
         return args + (["--image-size", str(c.image_size)] if c.image_size else [])
 
     def _finetune(self, model: str, root: Path, runs_dir: Path, *, frozen: bool, what: str) -> dict:
@@ -174,8 +182,9 @@ class _Runner:
                          *(["--freeze-backbone"] if frozen else []))
         wall, _ = self._run(args, what)
         run = _read_run(runs_dir)
+        t = run["timings"]
         return {"wall_s": wall, "inproc_s": run["summary"]["training_time"], "epochs_run": len(run["history"]),
-                "diverged": bool(run["diverged"])}
+                "diverged": bool(run["diverged"]), **self._fixed(t.get("first_batch_at"), t.get("last_batch_at"))}
 
     def _extract(self, model: str, root: Path, cache_dir: Path, what: str) -> tuple[dict, Path]:
         c = self.config
@@ -186,7 +195,8 @@ class _Runner:
         wall, _ = self._run(args, what)
         (cache_file,) = cache_dir.rglob("*.h5")
         measured = read_meta(cache_file)["extraction"]  # what the extraction measured itself
-        return {"wall_s": wall, "inproc_s": measured["seconds"], "images": measured["images"]}, cache_file
+        return {"wall_s": wall, "inproc_s": measured["seconds"], "images": measured["images"],
+                **self._fixed(measured.get("first_batch_at"), measured.get("last_batch_at"))}, cache_file
 
     def _head(self, cache_file: Path, runs_dir: Path, epochs: int, what: str) -> dict:
         args = self._cli("head-train", "--cache", cache_file, "--epochs", epochs,
@@ -194,7 +204,8 @@ class _Runner:
         wall, _ = self._run(args, what)
         t = _read_run(runs_dir)["timings"]
         return {"wall_s": wall, "load_s": t["load_s"], "compile_s": t["compile_s"], "train_s": t["train_s"],
-                "inproc_s": t["load_s"] + t["compile_s"] + t["train_s"]}
+                "inproc_s": t["load_s"] + t["compile_s"] + t["train_s"],
+                **self._fixed(t.get("first_batch_at"), t.get("last_batch_at"))}
 
     def _worker(self, name: str, what: str, **options) -> dict:
         args = ["-m", "featcache.bench", name]
@@ -214,7 +225,7 @@ class _Runner:
                                                frozen=True, what=f"1 classic frozen, {c.epochs} epochs"))
         extract, cache_file = self._extract(model, root, self.work / "cache" / f"{tag}-x1",
                                             "2 extract (empty cache)")
-        _append(p["extract"], wall_s=extract["wall_s"], inproc_s=extract["inproc_s"])
+        _append(p["extract"], **{k: v for k, v in extract.items() if k != "images"})
         head = self._head(cache_file, self.work / "runs" / f"{tag}-head-cold", c.epochs, "2 head-train")
         _append(p["head_cold"], **head)
         _append(p["cold"], wall_s=extract["wall_s"] + head["wall_s"],
@@ -232,9 +243,12 @@ class _Runner:
                 runs_s=jax_head["runs_s"])
         forward = self._worker("forward", "5 forward limit", model=model, weights=c.weights,
                                image_size=c.image_size or 0, batch_size=c.batch_size, device=c.device,
-                               counts=",".join(str(counts[s]) for s in ("train", "val", "test")))
+                               counts=",".join(str(counts[s]) for s in ("train", "val", "test")),
+                               precision=c.precision)
         _append(p["forward"], wall_s=forward["wall_s"], inproc_s=forward["seconds"],
-                import_s=forward["import_s"], build_s=forward["build_s"])
+                import_s=forward["import_s"], build_s=forward["build_s"],
+                **{f"{name}_s": seconds for name, seconds in forward["limits"].items()})
+        record["precision"] = forward["precision"]
         record["workers"] = {"torch_threads": forward["torch_threads"],
                              "torch_interop_threads": forward["torch_interop_threads"],
                              "crop": forward["crop"], "feature_dim": torch_head["feature_dim"]}
@@ -253,7 +267,7 @@ class _Runner:
             else:
                 value, _ = self._extract(model, scaled[f], self.work / "cache" / f"{tag}-x{f}",
                                          f"scaling: extract {f}x images")
-                value.pop("images")
+                value = {k: value[k] for k in ("wall_s", "inproc_s")}
             _append(point, **value)
         cache_file = next((self.work / "cache" / f"{tag}-x1").rglob("*.h5"))
         for point in record["scaling"]["head"]:

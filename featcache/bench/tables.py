@@ -6,12 +6,14 @@ from featcache.bench.results import PATH_LABELS, med
 
 GOAL_FRACTION_OF_THEORY = 0.85  # issue 6: classic / cached-cold >= 85 % of the theoretical ratio
 GOAL_TORCH_OVER_JAX = 30.0  # issue 6: warm head-train >= 30x faster than the PyTorch head
+GOAL_OVER_FP32_NCHW = 2.0  # issue 21: extraction at --precision auto >= 2x the float32 NCHW forward limit
+TORCH_PATHS = ("classic", "extract", "forward", "finetune")  # the paths whose backbone runs at the bench's precision
 
 
 def _console(file=None):
     from rich.console import Console
 
-    return Console(width=132, record=True, file=file)
+    return Console(width=176, record=True, file=file)
 
 
 def _table(title: str, columns: tuple[str, ...], *, left: tuple[str, ...]):
@@ -43,8 +45,9 @@ def _times_table(doc: dict):
                    f"{'native crop' if not s['image_size'] else str(s['image_size']) + ' px'}, "
                    f"weights {s['weights']}, {s['device']}, median of {s['repeat']} "
                    f"(wall = whole process, start-up included)",
-                   ("model", "path", "wall s", "min-max", "in-process s", "img/s", "classic ÷ path"),
-                   left=("model", "path"))
+                   ("model", "path", "precision", "wall s", "min-max", "in-process s", "img/s", "to 1st batch s",
+                    "after last s", "classic ÷ path"),
+                   left=("model", "path", "precision"))
     for model, record in doc["models"].items():
         summ = record["summary"]
         classic = med(record["paths"]["classic"])
@@ -56,10 +59,22 @@ def _times_table(doc: dict):
             rate = f"{entry['images_per_s']:.1f}" if "images_per_s" in entry else "-"
             note = "" if entry.get("complete", True) else " (stopped early!)"
             ratio = f"{classic / med(rec):.2f}x" if not label.startswith(" ") else ""
-            times.add_row(model, label + note, f"{med(rec):.2f}", f"{min(rec['wall_s']):.2f}-{max(rec['wall_s']):.2f}",
-                          inproc, rate, ratio)
+            first, last = (f"{med(rec, k):.2f}" if k in rec else "-" for k in ("to_first_batch_s", "after_last_batch_s"))
+            arithmetic = record.get("precision", "fp32") if name in TORCH_PATHS else "-"
+            times.add_row(model, label + note, arithmetic, f"{med(rec):.2f}",
+                          f"{min(rec['wall_s']):.2f}-{max(rec['wall_s']):.2f}", inproc, rate, first, last, ratio)
+            if name == "forward":
+                for limit, text in _limit_rows(rec, summ["paths"]["forward"]["images"]):
+                    times.add_row(model, f"    forward limit, {limit}", limit.split("_")[0], "", "", text[0],
+                                  text[1], "", "", "")
         times.add_section()
     return times
+
+
+def _limit_rows(rec: dict, images: int) -> list[tuple[str, tuple[str, str]]]:
+    """(precision, (seconds, img/s)) of each forward limit the forward worker timed (newer results only)."""
+    names = [k[:-2] for k in rec if k.endswith("_s") and k[:-2] in ("fp32_nchw", "fp32", "bf16")]
+    return [(n, (f"{med(rec, n + '_s'):.2f}", f"{images / med(rec, n + '_s'):.1f}")) for n in names]
 
 
 def _ratios_table(doc: dict):
@@ -96,6 +111,11 @@ def _ratio_rows(doc: dict, record: dict) -> list[tuple[str, str, str, str]]:
         ("PyTorch head ÷ JAX head (compile + program)", f"{r['torch_head_over_jax_compile_train']:.2f}x",
          "JIT compile counted (path 3)", ""),
         ("extraction ÷ forward limit (images/s)", f"{100 * r['extract_over_forward']:.0f} %", "in-process", ""),
+        *([("extraction ÷ fp32 NCHW forward limit (images/s)", f"{r['extract_over_fp32_nchw_forward']:.2f}x",
+            f"goal ≥ {GOAL_OVER_FP32_NCHW:.0f}x (precision {record.get('precision', 'fp32')})",
+            _verdict(r["extract_over_fp32_nchw_forward"] >= GOAL_OVER_FP32_NCHW)),
+           ("forward limit ÷ fp32 NCHW forward limit", f"{r['forward_over_fp32_nchw_forward']:.2f}x", "", "")]
+          if "extract_over_fp32_nchw_forward" in r else []),
         ("classic ÷ cached-warm (wall)", f"{r['classic_over_warm']:.1f}x", "", ""),
     ]
     if "finetune_over_cold" in r:

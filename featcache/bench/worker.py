@@ -9,6 +9,7 @@ worker pays only its own side's imports, and the torch side never imports jax.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import statistics
 import sys
@@ -153,39 +154,61 @@ def _jax_head_worker(cache: str, epochs: int, batch_size: int) -> dict:
 
 
 def _forward_worker(model: str, weights: str, image_size: int, batch_size: int, device: str,
-                    counts: str) -> dict:
-    """Path 5: the backbone over in-memory tensors in extract's batches (per split, the short rest last)."""
+                    counts: str, precision: str = "fp32") -> dict:
+    """Path 5: the backbone over in-memory tensors in extract's batches (per split, the short rest last).
+
+    Timed once per arithmetic ("limits"): fp32_nchw (eager float32 in NCHW layout, the reference of issue 6),
+    fp32 (channels_last) and, when `precision` resolves to it, bf16; "seconds" is the resolved precision's,
+    the forward extract runs (featcache.precision.features).
+    """
     t0 = time.perf_counter()
     import torch
     import torchvision  # noqa: F401  (counted in import_s, as extract pays it)
 
     import_s = time.perf_counter() - t0
+    from featcache import precision as arithmetic
     from featcache.backbones import build_backbone, pick_device
 
     dev = pick_device(device)
+    resolved = arithmetic.resolve(precision, str(dev))
     t0 = time.perf_counter()
     backbone = build_backbone(model, weights=weights, image_size=image_size or None)
     net = backbone.net.to(dev).eval()
     build_s = time.perf_counter() - t0
     crop = int(backbone.transform_desc["crop"])
     sizes = [min(batch_size, n - a) for n in map(int, counts.split(",")) for a in range(0, n, batch_size)]
-    inputs = {b: torch.randn(b, 3, crop, crop, device=dev) for b in set(sizes)}
+    inputs = {b: torch.randn(b, 3, crop, crop) for b in set(sizes)}
+
+    def nchw(images):  # issue 6's forward limit: eager float32, NCHW
+        with torch.inference_mode():
+            return net(images.to(dev)).float()
+
+    limits = {"fp32_nchw": _time_forward(nchw, inputs, sizes, dev)}
+    net = arithmetic.prepare(net, dev, "fp32")  # channels_last from here on
+    for name in ("fp32", "bf16") if resolved == "bf16" else ("fp32",):
+        limits[name] = _time_forward(functools.partial(arithmetic.features, net, device=dev, precision=name),
+                                     inputs, sizes, dev)
+    return {"seconds": limits[resolved], "limits": limits, "precision": resolved, "images": sum(sizes),
+            "import_s": import_s, "build_s": build_s, "crop": crop,
+            "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads()}
+
+
+def _time_forward(forward, inputs: dict, sizes: list[int], dev) -> float:
+    """Seconds of forward(images) over batches of `sizes` (from `inputs`), to numpy, after two warm-up batches."""
+    import torch
 
     def sync():
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    with torch.inference_mode():
-        for _ in range(2):  # warm-up: allocator, kernel selection
-            net(inputs[sizes[0]])
-        sync()
-        t0 = time.perf_counter()
-        for b in sizes:
-            net(inputs[b]).float().cpu().numpy()  # the hand-off to numpy that extract does
-        sync()
-        seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "images": sum(sizes), "import_s": import_s, "build_s": build_s, "crop": crop,
-            "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads()}
+    for _ in range(2):  # warm-up: allocator, kernel selection
+        forward(inputs[sizes[0]])
+    sync()
+    t0 = time.perf_counter()
+    for b in sizes:
+        forward(inputs[b]).cpu().numpy()  # the hand-off to numpy that extract does
+    sync()
+    return time.perf_counter() - t0
 
 
 def main(argv: Sequence[str]) -> None:
@@ -196,7 +219,7 @@ def main(argv: Sequence[str]) -> None:
     sub = parser.add_subparsers(dest="worker", required=True)
     fw = sub.add_parser("forward")
     for name, kind in (("model", str), ("weights", str), ("image-size", int), ("batch-size", int),
-                       ("device", str), ("counts", str)):
+                       ("device", str), ("counts", str), ("precision", str)):
         fw.add_argument(f"--{name}", type=kind, required=True)
     th = sub.add_parser("torch-head")
     for name, kind in (("cache", str), ("epochs", int), ("batch-size", int), ("device", str)):

@@ -5,7 +5,8 @@ Layout of one cache file (see README "The cache file"):
     / attrs: format_version, key, model, weights, weights_sha256, transform (json), feature_dim,
              class_names (json), dataset_root, dataset_name, dataset_fingerprint, split_rule (json),
              dtype, versions (json), created, complete, skipped (json), extraction (json),
-             key_mode ("stat": the fingerprint covers size+mtime; "content": each file's sha256)
+             key_mode ("stat": the fingerprint covers size+mtime; "content": each file's sha256),
+             precision ("fp32" | "bf16": the forward's arithmetic, part of the key)
     /<split>/features  (N, D) float16|float32, chunked by rows, allocated up front
     /<split>/labels    (N,) int64
     /<split>/paths     (N,) utf-8 strings, relative to the dataset root
@@ -58,8 +59,12 @@ def cache_key(
     weights_id: str,
     transform: Mapping,
     dtype: str,
+    precision: str = "fp32",
 ) -> str:
-    """The sha256 over everything that changes the cached features (and nothing else)."""
+    """The sha256 over everything that changes the cached features (and nothing else).
+
+    precision: the forward's arithmetic, resolved ("fp32" | "bf16", featcache.precision.resolve).
+    """
     payload = {
         "format_version": FORMAT_VERSION,
         "dataset_fingerprint": dataset_fingerprint,
@@ -70,6 +75,7 @@ def cache_key(
         "weights_id": weights_id,
         "transform": dict(transform),
         "dtype": dtype,
+        "precision": precision,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
