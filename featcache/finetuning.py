@@ -637,7 +637,8 @@ class _Loop:
             index=self.index, dataset_fingerprint=self.dataset_fingerprint,
             head=(head.weight.detach().cpu().numpy(), head.bias.detach().cpu().numpy()),
             history=history, summary=summary, selected=selected, diverged=diverged,
-            clinical=self._clinical(val_logits=val_logits, test_logits=test_logits, mode=mode)))
+            clinical=self._clinical(val_logits=val_logits, test_logits=test_logits, mode=mode),
+            scored=(test_logits, test_labels)))
 
     def _clinical(self, *, val_logits: np.ndarray, test_logits: np.ndarray, mode: str) -> dict:
         """runs.write_clinical of this run (rank 0): extra["clinical"], test_logits.npz, roc.png, calibration.png."""
@@ -664,7 +665,7 @@ class _Loop:
 def _write_run(run_dir: Path, *, mode: str, config: FinetuneConfig, train: TrainConfig, backbone: Backbone,
                index: DatasetIndex, dataset_fingerprint: str, head: tuple[np.ndarray, np.ndarray],
                history: list[metrics.EpochRecord], summary: metrics.RunSummary, selected: int,
-               diverged: str | None, clinical: dict | None = None) -> runs.RunResult:
+               diverged: str | None, clinical: dict | None = None, scored: tuple | None = None) -> runs.RunResult:
     """head.npz, history.csv, curves.png and metrics.json of a finished run (rank 0 only).
 
     head: (weight (K, D) float32, bias (K,) float32) of the selected epoch; clinical: runs.write_clinical's
@@ -673,7 +674,9 @@ def _write_run(run_dir: Path, *, mode: str, config: FinetuneConfig, train: Train
     weight, bias = head
     runs.save_head(run_dir / runs.HEAD_FILE, weight=weight, bias=bias, class_names=index.class_names)
     runs.write_history_csv(run_dir / runs.HISTORY_FILE, history)
-    plots.plot_curves(history, run_dir / runs.CURVES_FILE, f"{config.model} — {mode}", selected=selected)
+    plots.draw_run_figures(run_dir, _figure_spec(mode=mode, config=config, train=train, backbone=backbone, index=index,
+                                                 history=history, summary=summary, selected=selected,
+                                                 clinical=clinical, scored=scored))
     return runs.finish_run(
         run_dir, mode=mode, model=config.model, config=train, summary=summary,
         history=history, timings={"train_s": sum(r.seconds for r in history)},
@@ -683,6 +686,19 @@ def _write_run(run_dir: Path, *, mode: str, config: FinetuneConfig, train: Train
                "transform": backbone.transform_desc, "diverged_reason": diverged,
                **({"clinical": clinical} if clinical is not None else {})},
     )
+
+
+def _figure_spec(*, mode: str, config: FinetuneConfig, train: TrainConfig, backbone: Backbone, index: DatasetIndex,
+                 history: list[metrics.EpochRecord], summary: metrics.RunSummary, selected: int,
+                 clinical: dict | None, scored: tuple | None) -> dict:
+    """plots.draw_run_figures' spec of a fine-tune run: curves, chance line, confusion (ROC, calibration)."""
+    crop = backbone.transform_desc.get("crop") if isinstance(backbone.transform_desc, dict) else None
+    title = (f"{config.model} {mode} on {index.name}" + (f", {crop} px" if crop else "")
+             + f"\n{runs.settings_text(train)}" + (", augmented" if config.augment else ""))
+    logits, labels = scored if scored is not None else (None, None)
+    return {"title": title, "chance": metrics.chance_accuracy(summary.support),
+            "curves": {"kind": "epochs", "history": list(history), "selected": selected},
+            "test": runs.test_figures(summary, logits=logits, labels=labels, clinical=clinical)}
 
 
 class _Flag:
