@@ -33,7 +33,7 @@ from featcache.datasets import (DatasetIndex, ImageDataset, SkipUnreadable, coll
                                 resolve_data_root, scan_data)
 from featcache.files import atomic_write, atomic_write_bytes
 from featcache.errors import NoSpaceError, TerminatedError, UserError
-from featcache.environment import default_num_workers, library_versions
+from featcache.environment import default_num_workers, library_versions, worker_context
 from featcache.plan import TrainPlan, class_weights, make_plan, num_outputs_for
 from featcache.progress import progress_bar
 
@@ -132,7 +132,8 @@ def _drop_unreadable(index: DatasetIndex, config: FinetuneConfig) -> tuple[Datas
     workers = config.num_workers if config.num_workers >= 0 else default_num_workers()
     loader = torch.utils.data.DataLoader(
         SkipUnreadable(ImageDataset(index.root, samples, _decoded_only)), batch_size=config.eval_batch_size,
-        num_workers=workers, collate_fn=collate_readable, worker_init_fn=_worker_ignores_sigterm)
+        num_workers=workers, collate_fn=collate_readable, worker_init_fn=_worker_ignores_sigterm,
+        multiprocessing_context=worker_context(workers))
     skipped = [(splits[i], samples[i].path, reason) for _, _, failures in loader for i, reason in failures]
     if not skipped:
         return index, []
@@ -429,14 +430,14 @@ def _make_loaders(index: DatasetIndex, backbone: Backbone, config: FinetuneConfi
     train_loader = torch.utils.data.DataLoader(
         SkipUnreadable(ImageDataset(index.root, index.splits["train"], train_tf)), batch_sampler=sampler,
         num_workers=workers, pin_memory=device.type == "cuda", collate_fn=collate_readable,
-        worker_init_fn=_worker_ignores_sigterm)
+        worker_init_fn=_worker_ignores_sigterm, multiprocessing_context=worker_context(workers))
     eval_loaders = {
         split: torch.utils.data.DataLoader(
             # with DDP: this process's contiguous part of the split (logits() gathers them in order)
             SkipUnreadable(ImageDataset(index.root, group.local_rows(index.splits[split]), backbone.transform)),
             batch_size=config.eval_batch_size, shuffle=False, num_workers=workers,
             persistent_workers=workers > 0, pin_memory=device.type == "cuda", collate_fn=collate_readable,
-            worker_init_fn=_worker_ignores_sigterm)
+            worker_init_fn=_worker_ignores_sigterm, multiprocessing_context=worker_context(workers))
         for split in ("val", "test")
     }
     return train_loader, eval_loaders

@@ -25,15 +25,18 @@ INTERVALS_TITLE = "Intervals over seeds (mean ± 95 % t-interval)"
 
 
 def print_table(rows: Sequence[Mapping], *, title: str | None = None) -> None:
-    """Print dict rows as a table (columns: the keys of the first row)."""
-    _console().print(_rich_table(rows, title=title))
+    """Print dict rows as a table (columns: the keys of the first row), as wide as its longest cells need, so
+    that no cell (a cache's file name) is cut at the terminal's width."""
+    columns = list(rows[0]) if rows else []
+    natural = sum(max(len(str(c)), *(len(_fmt(r.get(c))) for r in rows)) + 3 for c in columns) + 1
+    _console(natural).print(_rich_table(rows, title=title))
 
 
-def _console():
-    """A rich console on stdout at least 120 columns wide (the study tables are wide)."""
+def _console(width: int = 0):
+    """A rich console on stdout at least 120 (and `width`) columns wide (the study tables are wide)."""
     from rich.console import Console
 
-    return Console(width=max(120, Console().width))
+    return Console(width=max(120, width, Console().width))
 
 
 def _rich_table(rows: Sequence[Mapping], *, title: str | None = None, headers: Mapping | None = None):
@@ -56,8 +59,11 @@ def cache_row(record: Mapping, *, dataset_changed: Callable[[Mapping], bool | No
     """
     splits = " ".join(f"{s}={v['n']}" if v["n"] == v["done"] else f"{s}={v['done']}/{v['n']}"
                       for s, v in record["splits"].items())
+    transform = record.get("transform") if isinstance(record.get("transform"), Mapping) else {}
+    image = f"{transform['crop']} px (resize {transform.get('resize', '?')})" if transform.get("crop") else "?"
     return {"dataset": record["dataset"], "model": record.get("model") or "?",
-            "weights": record.get("weights") or "?", "splits": splits, "D": record.get("feature_dim") or "?",
+            "weights": record.get("weights") or "?", "image": image, "splits": splits,
+            "D": record.get("feature_dim") or "?",
             "dtype": record.get("dtype") or "?", "size": f"{record['size'] / 1e6:.1f} MB",
             "status": "stale" if record["status"] == "complete" and dataset_changed(record) else record["status"],
             "file": Path(record["path"]).name}

@@ -62,7 +62,18 @@ def _expected(run_dir: Path) -> dict:
     return {"model": doc["model"], "mode": f"{doc['mode']}/{solver}" if solver else doc["mode"],
             **{k: doc["summary"][k] for k in NUMBERS},
             "selected_epoch": doc["summary"]["selected_epoch"], "diverged": doc["diverged"], "run_dir": str(run_dir),
-            **_expected_clinical(doc["extra"].get("clinical"))}
+            **_expected_identity(doc, run_dir), **_expected_clinical(doc["extra"].get("clinical"))}
+
+
+def _expected_identity(doc: dict, run_dir: Path) -> dict:
+    """What tells runs apart (dataset, optimizer settings, crop size, run name) and the config, from metrics.json."""
+    extra, config, trained = doc["extra"], doc["config"], not doc["extra"].get("solver")
+    dataset = extra.get("dataset_name") or (Path(extra["dataset_root"]).name if "dataset_root" in extra else None)
+    return {"dataset": dataset, "optimizer": config["optimizer"] if trained else None,
+            "lr": config["lr"] if trained else None, "weight_decay": config["weight_decay"] if trained else None,
+            "standardize": config["standardize"] if doc["mode"] == "head" else None,
+            "image_size": extra.get("image_size") or (extra.get("transform") or {}).get("crop"), "run": run_dir.name,
+            "config": config, **({"finetune": extra["finetune"]} if "finetune" in extra else {})}
 
 
 def _expected_clinical(clinical: dict | None) -> dict:
@@ -91,7 +102,8 @@ def test_json_rows_are_the_runs_summaries(two_runs, tmp_path):
     assert [r["model"] for r in rows] == ["resnet18", "googlenet"]
     assert rows[0]["best_val_acc"] > 0.6  # the blobs are separable: real numbers, not a constant model
     assert figure.read_bytes()[:8] == PNG and figure.stat().st_size > 10_000
-    assert f"figure: {figure}" in err
+    bars = figure.with_name("cmp-test.png")  # the test-accuracy bars beside the curves
+    assert f"figures: {figure} {bars}" in err and bars.read_bytes()[:8] == PNG
 
 
 def test_csv_rows_round_trip_the_numbers(two_runs, tmp_path):
@@ -165,7 +177,7 @@ def test_a_directory_that_is_not_a_finished_run_is_skipped_with_a_note_or_exits_
         assert result.exit_code == 0, result.output
         assert result.stderr.splitlines() == [
             f"Skipping {bad}: an unfinished run (no metrics.json: still running, or stopped).",
-            f"figure: {tmp_path / 'f.png'}"]
+            f"figures: {tmp_path / 'f.png'} {tmp_path / 'f-test.png'}"]
         assert "resnet18" in result.stdout and "googlenet" not in result.stdout  # the one finished run
         assert (tmp_path / "f.png").is_file()
     alone = CliRunner().invoke(cli, ["report", str(bad), "--figure", str(tmp_path / "g.png")])
