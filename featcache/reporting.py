@@ -226,7 +226,8 @@ def collect_runs(paths, *, note: Callable[[str], object] | None = None) -> list:
             loaded.append(item)
             continue
         path = Path(item)
-        inside = sorted(p for p in path.iterdir() if p.is_dir()) if path.is_dir() and not is_finished(path) else []
+        inside = sorted(path.iterdir()) if path.is_dir() and not is_finished(path) else []
+        inside = inside if any(p.is_dir() for p in inside) else []  # a folder of runs, not an empty/unfinished run
         for candidate in inside or [path]:
             if is_finished(candidate) or not candidate.exists():
                 loaded.append(_checked(load_run(candidate)))  # a missing path: load_run's UserError

@@ -20,7 +20,7 @@ import featcache
 from featcache import runs
 from featcache.cache import CacheWriter, SplitRows
 from featcache.cli import cli
-from featcache.reporting import COLUMNS, HEADERS
+from featcache.reporting import COLUMNS, HEADERS, IDENTITY, IDENTITY_HEADERS
 
 PNG = b"\x89PNG\r\n\x1a\n"
 NUMBERS = ("train_loss", "train_acc", "best_val_loss", "best_val_acc", "test_acc", "training_time")
@@ -120,12 +120,14 @@ def test_csv_rows_round_trip_the_numbers(two_runs, tmp_path):
 def test_markdown_and_table_show_the_study_columns(two_runs, tmp_path):
     out, _ = _report([*two_runs, "--format", "markdown", "--figure", ""])
     lines = out.strip().splitlines()
-    assert lines[0] == "| " + " | ".join(HEADERS[c] for c in COLUMNS) + " |"
-    assert lines[1].count("|") == len(COLUMNS) + 1
+    assert lines[0].startswith("| " + " | ".join(HEADERS[c] for c in COLUMNS) + " |")  # then what tells runs apart
+    assert lines[0].endswith(" | ".join(IDENTITY_HEADERS[c] for c in IDENTITY) + " |")
+    assert lines[1].count("|") == len(COLUMNS) + len(IDENTITY) + 1
     for line, run_dir in zip(lines[2:4], two_runs, strict=True):
         want = _expected(run_dir)
         cells = [c.strip() for c in line.strip("|").split("|")]
-        assert cells == [want["model"], want["mode"], *(f"{want[k]:.4f}" for k in NUMBERS)]
+        assert cells[:len(COLUMNS)] == [want["model"], want["mode"], *(f"{want[k]:.4f}" for k in NUMBERS)]
+        assert cells[-1] == run_dir.name
 
     out, _ = _report([*two_runs, "--figure", ""])  # default: a rich table
     for run_dir in two_runs:
