@@ -372,7 +372,7 @@ class _Checkpoints:
             return None
         path = self.run_dir / LAST_CKPT
         try:
-            net.load_state_dict(ckpt["state_dict"])
+            (net.head if ckpt.get("head_only") else net).load_state_dict(ckpt["state_dict"])
             optimizer.load_state_dict(ckpt["optimizer"])
             history = [metrics.EpochRecord.from_dict(r) for r in ckpt["history"]]
         except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as exc:
@@ -558,13 +558,16 @@ class _Loop:
                                f"{self.checkpoints.kept()}; continue with the same command plus --resume "
                                f"{self.run_dir}.")
 
-    def _state(self, epoch: int, history: list[metrics.EpochRecord]) -> dict:
-        """The checkpoint after `epoch` finished epochs: network, optimizer, history and what export needs."""
+    def _state(self, epoch: int, history: list[metrics.EpochRecord], *, head_only: bool = False) -> dict:
+        """The checkpoint after `epoch` finished epochs: network, optimizer, history and what export needs.
+
+        head_only: only the head's weights (last.pt of --freeze-backbone: the frozen backbone is rebuilt
+        bit-identical from the starting weights on --resume, and best.pt keeps the whole network for export)."""
         return {
             "epoch": epoch, "model": self.config.model, "class_names": list(self.index.class_names),
             "transform": self.backbone.transform_desc, "weights": self.backbone.weights_tag,
-            "freeze_backbone": self.config.freeze_backbone,
-            "state_dict": self.net.state_dict(),
+            "freeze_backbone": self.config.freeze_backbone, "head_only": head_only,
+            "state_dict": (self.net.head if head_only else self.net).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "history": [r.to_dict() for r in history],
         }
@@ -573,7 +576,7 @@ class _Loop:
         """After epoch `epoch` (0-based): best.pt if it is the selected epoch so far, last.pt always."""
         if metrics.select_epoch(history) == len(history) - 1:
             self.checkpoints.save(BEST_CKPT, self._state(epoch + 1, history))
-        self.checkpoints.save(LAST_CKPT, self._state(epoch + 1, history))
+        self.checkpoints.save(LAST_CKPT, self._state(epoch + 1, history, head_only=self.config.freeze_backbone))
 
     # ---- the run
 
