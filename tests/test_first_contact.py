@@ -85,7 +85,7 @@ def test_a_file_that_is_no_cache_is_bad_input_not_a_corrupt_cache(cache, tmp_pat
     damaged = tmp_path / "damaged.h5"  # a cache file whose bytes were lost stays a bad cache (exit 3)
     damaged.write_bytes(cache.read_bytes()[:1000])
     verify = invoke("cache", "verify", damaged)
-    assert verify.exit_code == 3 and "corrupt or truncated; delete it" in verify.stderr
+    assert verify.exit_code == 3 and "(corrupt or truncated); delete it" in verify.stderr
 
 
 def test_ctrl_c_during_extract_says_what_is_kept_and_exits_130(monkeypatch, tmp_path):
