@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import shlex
 import sys
 from pathlib import Path
 
@@ -70,6 +71,19 @@ class _Group(click.Group):
         except UserError as exc:
             click.echo(f"Error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except KeyboardInterrupt:  # Ctrl-C: one line on what is kept, exit 130 (128 + SIGINT), not click's "Aborted!"
+            click.echo(INTERRUPTED.get(ctx.invoked_subcommand, INTERRUPTED[None]), err=True)
+            sys.exit(EXIT_INTERRUPTED)
+
+
+EXIT_INTERRUPTED = 130  # what a shell reports for a process Ctrl-C (SIGINT) ended
+INTERRUPTED = {
+    "extract": "Interrupted: the features extracted so far are kept (a .partial file beside the cache); run the same "
+               "command again to resume where it stopped.",
+    "finetune": "Interrupted: the finished epochs are kept in the run directory's last.pt; run the same command "
+                "with --resume RUN_DIR to continue.",
+    None: "Interrupted: files are written whole or not at all, so nothing half-written is left.",
+}
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -516,9 +530,10 @@ from featcache.head_runs import DEFAULT_SOLVER, SOLVER_ALIASES, SOLVERS  # noqa:
               help="Memory for the streamed blocks of features (bigger blocks, fewer reads).  "
                    f"[default: {DEFAULT_STREAM_MEMORY_MIB}, or a quarter of the memory available when less]")
 @click.option("--run-name", default=None, help="Run directory name (default <time>-head-<model>).")
+@click.option("--quiet", is_flag=True, help="No progress lines on stderr; the summary (and any warning) still prints.")
 def head_train(cache_file, model, data, val_fraction, test_fraction, split_seed, group_by, weights, image_size, dtype,
                cache_dir, seeds, solver, l2s, cs, ks, temperature, shots, draws, standardize, stream, stream_memory,
-               run_name, **kwargs):
+               run_name, quiet, **kwargs):
     """Train the linear head in JAX on cached features: all epochs in one compiled program.
 
     Comma lists in --lr / --weight-decay and --seeds K train the whole grid (lr x wd x seed) as
@@ -555,9 +570,9 @@ def head_train(cache_file, model, data, val_fraction, test_fraction, split_seed,
                                  weights=weights, image_size=image_size, dtype=dtype, cache_dir=cache_dir)
     result = run_head_train(cache=cache_file, config=config, solver=solver, lrs=lrs, weight_decays=weight_decays,
                             seeds=seeds, l2s=l2s, cs=cs, ks=ks, temperature=temperature, shots=shots, draws=draws,
-                            stream=stream, stream_memory_mib=stream_memory, run_name=run_name)
+                            stream=stream, stream_memory_mib=stream_memory, run_name=run_name, progress=not quiet)
     for one in result if isinstance(result, list) else [result]:  # a list: one few-shot run per K
-        print_summary(one)
+        print_summary(one, notes=quiet)
     if not isinstance(result, list) and result.diverged:
         raise DivergedError(diverged_message(result))
 
@@ -611,7 +626,7 @@ def finetune(data_config, resume, seeds, quiet, nproc, max_restarts, **options):
       featcache finetune --model resnet18 --data demo --weights none --image-size 64 --epochs 5
       featcache finetune --model resnet18 --data ./chest_xray --freeze-backbone
       # after a kill: the same command plus --resume RUN_DIR
-      featcache finetune --model resnet18 --data demo --weights none --image-size 64 --epochs 5 \
+      featcache finetune --model resnet18 --data demo --weights none --image-size 64 --epochs 5 \\
         --resume runs/20261130-101500-finetune-resnet18
       # three seeds, one run each, then mean ± 95 % CI (also: featcache report RUN_DIRS)
       featcache finetune --model resnet18 --data demo --weights none --image-size 64 --epochs 5 --seeds 3
@@ -669,7 +684,9 @@ def report(run_dirs, fmt, figure):
 
     click.echo(compare_runs(run_dirs, format=fmt, figure=figure or None), nl=False)
     if figure:
-        click.echo(f"figure: {figure}", err=True)
+        from featcache.reporting import report_figure_paths
+
+        click.echo(f"figures: {' '.join(shlex.quote(str(p)) for p in report_figure_paths(figure))}", err=True)
 
 
 from featcache.config import CompareConfig  # noqa: E402  (featcache compare)

@@ -218,6 +218,7 @@ def scan_dataset(root: str | Path, *, val_fraction: float = 0.15, test_fraction:
     class_names = tuple(_class_folders(train_dir))
     if not class_names:
         raise UserError(f"{train_dir} has no class folders; expected {train_dir}/<class>/<image>.")
+    check_two_classes(class_names, where=str(train_dir))
 
     found = _split_folders(root, class_names)
     carve = {split: split not in found for split in ("val", "test")}
@@ -244,6 +245,15 @@ def scan_dataset(root: str | Path, *, val_fraction: float = 0.15, test_fraction:
         split_rule=split_rule,
         leaked_groups=leaked,
     )
+
+
+def check_two_classes(class_names: Sequence[str], *, where: str) -> None:
+    """UserError (exit 2) unless there are two or more classes: a classifier of one class learns nothing, so
+    extract and finetune refuse it before any image is read."""
+    if len(class_names) < 2:
+        found = f"only the class {class_names[0]!r}" if class_names else "no class"
+        raise UserError(f"{where} has {found}; a classifier needs two or more classes: add a folder (or label) "
+                        "per class.")
 
 
 def _check_fractions(*, val_fraction: float, test_fraction: float) -> None:
@@ -560,6 +570,7 @@ def scan_manifest(csv_path: str | Path, *, val_fraction: float = 0.15, test_frac
     _check_fractions(val_fraction=val_fraction, test_fraction=test_fraction)
     rows, has_group = _read_manifest(csv_path)
     class_names = tuple(sorted({label for _, label, _, _ in rows}))
+    check_two_classes(class_names, where=f"{csv_path}'s label column")
     splits: dict[str, list[Sample]] = {split: [] for split in SPLITS}
     for path, label, split, _ in rows:
         splits[split or "train"].append(Sample(path, class_names.index(label)))

@@ -39,6 +39,13 @@ def default_num_workers() -> int:
     return max(0, min(4, cores // 2))
 
 
+def worker_context(num_workers: int) -> str | None:
+    """The multiprocessing start method of DataLoader workers: "forkserver" when JAX is loaded in this process
+    and workers are asked for (forking a process that runs JAX's threads can deadlock, and JAX warns about every
+    os.fork(); a fork server is a fresh process that never loaded JAX), else None (torch's default, fork)."""
+    return "forkserver" if num_workers > 0 and "jax" in sys.modules else None
+
+
 def memory_available(*, proc: str = "/proc", cgroup_root: str = "/sys/fs/cgroup") -> int | None:
     """Bytes this process can still get: Linux MemAvailable, lowered to the room under its cgroup's memory
     limit when there is one (a container's, or a batch job's as Slurm sets it); None where neither is known."""

@@ -33,7 +33,7 @@ from featcache.config import ExtractConfig
 from featcache.datasets import (DatasetIndex, ImageDataset, ImageLoadError, SkipUnreadable, collate_readable,
                                 load_image, rescan, resolve_data_root, scan_data, skipped_images_line, strict_error,
                                 write_failures_csv)
-from featcache.environment import default_num_workers, library_versions
+from featcache.environment import default_num_workers, library_versions, worker_context
 from featcache.errors import LockedError, UserError
 from featcache.progress import progress_bar
 
@@ -283,11 +283,14 @@ def _compute(plan: ExtractPlan, writer, *, net, backbone, device, num_workers: i
         samples, batches, tasks = _pending_batches(plan, writer, bar)
         # One loader over every split, so the decode workers start once and have the next batch
         # ready across split boundaries.
+        context = worker_context(num_workers if batches else 0)
         loader = torch.utils.data.DataLoader(
             SkipUnreadable(ImageDataset(plan.index.root, samples, backbone.transform)),
             batch_sampler=[b.rows for b in batches], collate_fn=collate_readable,
             num_workers=num_workers if batches else 0, pin_memory=device.type == "cuda",
-            persistent_workers=False, worker_init_fn=functools.partial(_die_with_parent, os.getpid()),
+            persistent_workers=False, multiprocessing_context=context,
+            # a forked worker dies with this process; a fork server's are not its children (and hold nothing of it)
+            worker_init_fn=None if context else functools.partial(_die_with_parent, os.getpid()),
         )
         pending_write = None
         for b, (batch, _index, failures) in zip(batches, loader):

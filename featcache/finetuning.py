@@ -34,7 +34,7 @@ from featcache.datasets import (DatasetIndex, ImageDataset, SkipUnreadable, coll
                                 resolve_data_root, scan_data)
 from featcache.files import atomic_write, atomic_write_bytes
 from featcache.errors import NoSpaceError, TerminatedError, UserError
-from featcache.environment import default_num_workers, library_versions
+from featcache.environment import default_num_workers, library_versions, worker_context
 from featcache.plan import TrainPlan, class_weights, make_plan, num_outputs_for
 from featcache.progress import progress_bar
 
@@ -134,7 +134,8 @@ def _drop_unreadable(index: DatasetIndex, config: FinetuneConfig) -> tuple[Datas
     workers = config.num_workers if config.num_workers >= 0 else default_num_workers()
     loader = torch.utils.data.DataLoader(
         SkipUnreadable(ImageDataset(index.root, samples, _decoded_only)), batch_size=config.eval_batch_size,
-        num_workers=workers, collate_fn=collate_readable, worker_init_fn=_worker_ignores_sigterm)
+        num_workers=workers, collate_fn=collate_readable, worker_init_fn=_worker_ignores_sigterm,
+        multiprocessing_context=worker_context(workers))
     skipped = [(splits[i], samples[i].path, reason) for _, _, failures in loader for i, reason in failures]
     if not skipped:
         return index, []
@@ -374,7 +375,7 @@ class _Checkpoints:
             return None
         path = self.run_dir / LAST_CKPT
         try:
-            net.load_state_dict(ckpt["state_dict"])
+            (net.head if ckpt.get("head_only") else net).load_state_dict(ckpt["state_dict"])
             optimizer.load_state_dict(ckpt["optimizer"])
             history = [metrics.EpochRecord.from_dict(r) for r in ckpt["history"]]
         except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as exc:
@@ -432,14 +433,14 @@ def _make_loaders(index: DatasetIndex, backbone: Backbone, config: FinetuneConfi
     train_loader = torch.utils.data.DataLoader(
         SkipUnreadable(ImageDataset(index.root, index.splits["train"], train_tf)), batch_sampler=sampler,
         num_workers=workers, pin_memory=device.type == "cuda", collate_fn=collate_readable,
-        worker_init_fn=_worker_ignores_sigterm)
+        worker_init_fn=_worker_ignores_sigterm, multiprocessing_context=worker_context(workers))
     eval_loaders = {
         split: torch.utils.data.DataLoader(
             # with DDP: this process's contiguous part of the split (logits() gathers them in order)
             SkipUnreadable(ImageDataset(index.root, group.local_rows(index.splits[split]), backbone.transform)),
             batch_size=config.eval_batch_size, shuffle=False, num_workers=workers,
             persistent_workers=workers > 0, pin_memory=device.type == "cuda", collate_fn=collate_readable,
-            worker_init_fn=_worker_ignores_sigterm)
+            worker_init_fn=_worker_ignores_sigterm, multiprocessing_context=worker_context(workers))
         for split in ("val", "test")
     }
     return train_loader, eval_loaders
@@ -565,13 +566,16 @@ class _Loop:
                                f"{self.checkpoints.kept()}; continue with the same command plus --resume "
                                f"{self.run_dir}.")
 
-    def _state(self, epoch: int, history: list[metrics.EpochRecord]) -> dict:
-        """The checkpoint after `epoch` finished epochs: network, optimizer, history and what export needs."""
+    def _state(self, epoch: int, history: list[metrics.EpochRecord], *, head_only: bool = False) -> dict:
+        """The checkpoint after `epoch` finished epochs: network, optimizer, history and what export needs.
+
+        head_only: only the head's weights (last.pt of --freeze-backbone: the frozen backbone is rebuilt
+        bit-identical from the starting weights on --resume, and best.pt keeps the whole network for export)."""
         return {
             "epoch": epoch, "model": self.config.model, "class_names": list(self.index.class_names),
             "transform": self.backbone.transform_desc, "weights": self.backbone.weights_tag,
-            "freeze_backbone": self.config.freeze_backbone,
-            "state_dict": self.net.state_dict(),
+            "freeze_backbone": self.config.freeze_backbone, "head_only": head_only,
+            "state_dict": (self.net.head if head_only else self.net).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "history": [r.to_dict() for r in history],
         }
@@ -580,7 +584,7 @@ class _Loop:
         """After epoch `epoch` (0-based): best.pt if it is the selected epoch so far, last.pt always."""
         if metrics.select_epoch(history) == len(history) - 1:
             self.checkpoints.save(BEST_CKPT, self._state(epoch + 1, history))
-        self.checkpoints.save(LAST_CKPT, self._state(epoch + 1, history))
+        self.checkpoints.save(LAST_CKPT, self._state(epoch + 1, history, head_only=self.config.freeze_backbone))
 
     # ---- the run
 
@@ -647,7 +651,8 @@ class _Loop:
             head=(head.weight.detach().cpu().numpy(), head.bias.detach().cpu().numpy()),
             history=history, summary=summary, selected=selected, diverged=diverged, arithmetic=self.precision,
             batches_at=(self.first_batch_at, last_batch_at),
-            clinical=self._clinical(val_logits=val_logits, test_logits=test_logits, mode=mode)))
+            clinical=self._clinical(val_logits=val_logits, test_logits=test_logits, mode=mode),
+            scored=(test_logits, test_labels)))
 
     def _clinical(self, *, val_logits: np.ndarray, test_logits: np.ndarray, mode: str) -> dict:
         """runs.write_clinical of this run (rank 0): extra["clinical"], test_logits.npz, roc.png, calibration.png."""
@@ -675,7 +680,7 @@ def _write_run(run_dir: Path, *, mode: str, config: FinetuneConfig, train: Train
                index: DatasetIndex, dataset_fingerprint: str, head: tuple[np.ndarray, np.ndarray],
                history: list[metrics.EpochRecord], summary: metrics.RunSummary, selected: int,
                diverged: str | None, clinical: dict | None = None, arithmetic: str = "fp32",
-               batches_at: tuple[float | None, float] | None = None) -> runs.RunResult:
+               batches_at: tuple[float | None, float] | None = None, scored: tuple | None = None) -> runs.RunResult:
     """head.npz, history.csv, curves.png and metrics.json of a finished run (rank 0 only).
 
     head: (weight (K, D) float32, bias (K,) float32) of the selected epoch; clinical: runs.write_clinical's
@@ -686,7 +691,9 @@ def _write_run(run_dir: Path, *, mode: str, config: FinetuneConfig, train: Train
     weight, bias = head
     runs.save_head(run_dir / runs.HEAD_FILE, weight=weight, bias=bias, class_names=index.class_names)
     runs.write_history_csv(run_dir / runs.HISTORY_FILE, history)
-    plots.plot_curves(history, run_dir / runs.CURVES_FILE, f"{config.model} — {mode}", selected=selected)
+    plots.draw_run_figures(run_dir, _figure_spec(mode=mode, config=config, train=train, backbone=backbone, index=index,
+                                                 history=history, summary=summary, selected=selected,
+                                                 clinical=clinical, scored=scored))
     return runs.finish_run(
         run_dir, mode=mode, model=config.model, config=train, summary=summary,
         history=history, timings={"train_s": sum(r.seconds for r in history),
@@ -704,6 +711,19 @@ def _batch_times(batches_at: tuple[float | None, float] | None) -> dict:
     if batches_at is None:
         return {}
     return {k: float(v) for k, v in zip(("first_batch_at", "last_batch_at"), batches_at) if v is not None}
+
+
+def _figure_spec(*, mode: str, config: FinetuneConfig, train: TrainConfig, backbone: Backbone, index: DatasetIndex,
+                 history: list[metrics.EpochRecord], summary: metrics.RunSummary, selected: int,
+                 clinical: dict | None, scored: tuple | None) -> dict:
+    """plots.draw_run_figures' spec of a fine-tune run: curves, chance line, confusion (ROC, calibration)."""
+    crop = backbone.transform_desc.get("crop") if isinstance(backbone.transform_desc, dict) else None
+    title = (f"{config.model} {mode} on {index.name}" + (f", {crop} px" if crop else "")
+             + f"\n{runs.settings_text(train)}" + (", augmented" if config.augment else ""))
+    logits, labels = scored if scored is not None else (None, None)
+    return {"title": title, "chance": metrics.chance_accuracy(summary.support),
+            "curves": {"kind": "epochs", "history": list(history), "selected": selected},
+            "test": runs.test_figures(summary, logits=logits, labels=labels, clinical=clinical)}
 
 
 class _Flag:

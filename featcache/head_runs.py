@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
-import functools
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from featcache.config import TrainConfig
 from featcache.errors import UserError
@@ -46,7 +45,6 @@ DEFAULT_DRAWS = 5  # few-shot draws per K when --draws is not given
 SOLVER_ALIASES = {"optax": "sgd"}  # earlier names, still accepted
 DEFAULT_SOLVER = "sgd"
 
-Figure = Callable[[Path], object]  # draws one PNG at the path it is given (picklable: drawn in the figure worker)
 # The figure worker (featcache.figure_worker) of the head-train under way: head_train starts it before loading
 # and fitting, write_head_run hands it the run's figures and waits for them before metrics.json.
 _FIGURES: contextvars.ContextVar = contextvars.ContextVar("featcache_head_figures", default=None)
@@ -202,8 +200,6 @@ def train_head(*, cache: str | Path, config: TrainConfig, run_name: str | None =
     """
     from featcache.cache import read_meta
     from featcache.plan import check_config
-    from featcache.plots import plot_curves
-    from featcache.runs import CURVES_FILE
 
     check_config(config)
     meta = read_meta(cache)
@@ -223,7 +219,7 @@ def train_head(*, cache: str | Path, config: TrainConfig, run_name: str | None =
                                   "last_batch_at": ended}, {}, ""
     _say(progress, f"compile {fit.timings['compile_s']:.2f} s + train {fit.timings['train_s']:.3f} s "
                    f"({config.epochs} epochs) = training time {fit.summary.training_time:.2f} s{waited}")
-    curves = {CURVES_FILE: functools.partial(plot_curves, fit.history, title=run_title(meta), selected=fit.selected)}
+    curves = {"curves": {"kind": "epochs", "history": list(fit.history), "selected": fit.selected}}
     return write_head_run(cache=cache, meta=meta, config=config, summary=fit.summary, timings=timings,
                           history=fit.history, head=fit.head_weights, figures=curves, extra=extra,
                           run_name=run_name, progress=progress, test_logits=fit.test_logits,
@@ -276,9 +272,7 @@ def train_grid(*, cache: str | Path, config: TrainConfig, lrs: Sequence[float], 
         extra["grid"] holds every cell (GridFit.to_dict) and extra["seed_stats"] the selected pair's
         intervals over seeds. curves.png shows the selected pair, mean and min-max band over seeds.
     """
-    from featcache.plots import plot_seed_curves
-    from featcache.runs import CURVES_FILE
-    from featcache.sweep import fit_grid, seed_stats
+    from featcache.sweep import fit_grid, grid_edge_note, seed_stats
 
     data = load_splits(cache, progress=progress)
     grid = fit_grid(*data.arrays, num_classes=len(data.class_names), config=config, lrs=lrs,
@@ -288,13 +282,17 @@ def train_grid(*, cache: str | Path, config: TrainConfig, lrs: Sequence[float], 
     _say(progress, f"Compiled {grid.num_heads} heads ({len(grid.lrs)} lr x {len(grid.weight_decays)} wd x "
                    f"{len(grid.seeds)} seeds) in {grid.timings['compile_s']:.2f} s; trained {config.epochs} epochs "
                    f"in {grid.timings['train_s']:.3f} s; selected lr {cell.lr:g}, wd {cell.weight_decay:g}")
-    title = f"{run_title(data.meta)}, lr {cell.lr:g}, wd {cell.weight_decay:g}, {len(grid.seeds)} seeds"
-    curves = {CURVES_FILE: lambda path: plot_seed_curves([f.history for f in cell.fits], path, title=title)}
     chosen = dataclasses.replace(config, lr=cell.lr, weight_decay=cell.weight_decay, seed=grid.seeds[0])
+    if note := grid_edge_note(grid):
+        _say(progress, f"Note: {note}")
+    title = run_title(data.meta, config=chosen, settings=f"selected {_settings(chosen)}, {len(grid.seeds)} seeds")
+    curves = {"curves": {"kind": "seeds", "histories": [list(f.history) for f in cell.fits]},
+              "grid": grid.to_dict(), "title": title}
     return write_head_run(cache=cache, meta=data.meta, config=chosen, summary=saved.summary,
                           timings={"load_s": data.load_s, **grid.timings}, history=saved.history,
                           head=saved.head_weights, figures=curves,
-                          extra={"grid": grid.to_dict(), "seed_stats": seed_stats(cell.fits)},
+                          extra={"grid": {**grid.to_dict(), **({"note": note} if note else {})},
+                                 "seed_stats": seed_stats(cell.fits)},
                           run_name=run_name, progress=progress, test_logits=saved.test_logits, splits=data)
 
 
@@ -313,9 +311,7 @@ def train_ridge(*, cache: str | Path, config: TrainConfig, l2s: Sequence[float] 
         The RunResult; extra["ridge"] holds the whole path (RidgeFit.to_dict) and curves.png shows
         train and val accuracy against λ.
     """
-    from featcache.plots import plot_accuracy_path
     from featcache.ridge import DEFAULT_L2S, fit_ridge, l2_is_on_edge
-    from featcache.runs import CURVES_FILE
 
     data = load_splits(cache, progress=progress)
     fit = fit_ridge(*data.arrays, num_classes=len(data.class_names), l2s=DEFAULT_L2S if l2s is None else l2s,
@@ -324,9 +320,11 @@ def train_ridge(*, cache: str | Path, config: TrainConfig, l2s: Sequence[float] 
                    f"selected l2 {fit.l2:g} (val acc {fit.val_acc[fit.selected]:.4f})")
     if l2_is_on_edge(fit):
         _say(progress, "Note: the selected l2 is at the edge of the grid; widen --l2.")
-    curves = {CURVES_FILE: lambda path: plot_accuracy_path(
-        fit.l2s, {"train acc": fit.train_acc, "val acc": fit.val_acc}, path, run_title(data.meta, "ridge head"),
-        name="l2", description="the L2 strength", axis_label="l2 (ridge strength)", selected=fit.selected)}
+    curves = {"curves": {"kind": "path", "values": list(fit.l2s), "curves": {"train acc": list(fit.train_acc),
+                                                                          "val acc": list(fit.val_acc)},
+                         "name": "l2", "description": "the L2 strength", "axis_label": "l2 (ridge strength)",
+                         "selected": fit.selected},
+              "title": run_title(data.meta, "ridge head", settings=_probe_settings(config))}
     return write_head_run(cache=cache, meta=data.meta, config=config, summary=fit.summary,
                           timings={"load_s": data.load_s, "train_s": fit.seconds}, history=fit.history,
                           head=fit.head_weights, figures=curves, solver="ridge", extra={"ridge": fit.to_dict()},
@@ -349,8 +347,7 @@ def train_lbfgs(*, cache: str | Path, config: TrainConfig, cs: Sequence[float] |
         chosen C lies on the edge of the grid.
     """
     from featcache.lbfgs import DEFAULT_CS, fit_lbfgs
-    from featcache.plots import plot_accuracy_path
-    from featcache.runs import CURVES_FILE, HeadWeights
+    from featcache.runs import HeadWeights
 
     data = load_splits(cache, progress=progress)
     fit = fit_lbfgs(*data.arrays, num_classes=len(data.class_names), cs=DEFAULT_CS if cs is None else cs,
@@ -362,10 +359,11 @@ def train_lbfgs(*, cache: str | Path, config: TrainConfig, cs: Sequence[float] |
     if fit.on_edge():
         record["note"] = "The selected C lies on the edge of the grid; widen --C."
         _say(progress, f"Note: {record['note']}")
-    curves = {CURVES_FILE: lambda path: plot_accuracy_path(
-        fit.cs, {"train acc": fit.path.train_acc, "val acc": fit.path.val_acc}, path,
-        run_title(data.meta, "L-BFGS probe"), name="C", description="the inverse L2 strength C",
-        axis_label="C (inverse L2 strength)", selected=fit.selected)}
+    curves = {"curves": {"kind": "path", "values": list(fit.cs),
+                         "curves": {"train acc": list(fit.path.train_acc), "val acc": list(fit.path.val_acc)},
+                         "name": "C", "description": "the inverse L2 strength C",
+                         "axis_label": "C (inverse L2 strength)", "selected": fit.selected},
+              "title": run_title(data.meta, "L-BFGS probe", settings=_probe_settings(config))}
     head = HeadWeights(weight=fit.weight, bias=fit.bias, mean=fit.mean, std=fit.std)
     return write_head_run(cache=cache, meta=data.meta, config=config, summary=fit.summary,
                           timings={"load_s": data.load_s, "compile_s": fit.timings["compile_s"],
@@ -406,9 +404,15 @@ def train_knn(*, cache: str | Path, config: TrainConfig, ks: Sequence[int] | Non
     _say(progress, f"k-NN: {len(fit.ks)} k values from one search in {fit.timings['search_s']:.3f} s"
                    f"{' (train rows streamed)' if stream else ''}; selected k {fit.k} "
                    f"(val acc {fit.val_acc[fit.selected]:.4f})")
+    from featcache.metrics import edge_note
+
+    note = edge_note("k", fit.ks, fit.selected, option="--k")
+    if note:
+        _say(progress, f"Note: {note}")
     return write_head_run(cache=cache, meta=meta, config=config, summary=fit.summary,
                           timings={"load_s": load_s, "train_s": fit.timings["seconds"]}, history=fit.history,
-                          solver=f"knn-k{fit.k}", extra={"knn": {**fit.to_dict(), "streamed": bool(stream)}},
+                          solver=f"knn-k{fit.k}", extra={"knn": {**fit.to_dict(), "streamed": bool(stream),
+                                                                 **({"note": note} if note else {})}},
                           run_name=run_name, progress=progress)
 
 
@@ -547,14 +551,31 @@ def load_splits(cache: str | Path, *, meta: dict | None = None, progress: bool =
     return CacheSplits(path=str(cache), meta=meta, train=train, val=val, test=test, load_s=load_s)
 
 
-def run_title(meta: Mapping, what: str = "head") -> str:
-    """The title of a head run's figures: `<model> <what> (<dataset>)`."""
-    return f"{meta['model']} {what} ({meta.get('dataset_name', '')})"
+def run_title(meta: Mapping, what: str = "head", *, config: TrainConfig | None = None,
+              settings: str | None = None) -> str:
+    """The title of a head run's figures: `<model> <what> on <dataset>, <crop> px` and, on a second line,
+    `settings` (default: the trained head's settings of `config`, runs.settings_text)."""
+    from featcache.runs import settings_text
+
+    size = (meta.get("transform") or {}).get("crop") if isinstance(meta.get("transform"), Mapping) else None
+    title = f"{meta['model']} {what} on {meta.get('dataset_name') or '?'}" + (f", {size} px" if size else "")
+    settings = settings if settings is not None else (settings_text(config) if config is not None else None)
+    return f"{title}\n{settings}" if settings else title
+
+
+def _settings(config: TrainConfig) -> str:
+    from featcache.runs import settings_text
+
+    return settings_text(config)
+
+
+def _probe_settings(config: TrainConfig) -> str:
+    return "features standardized" if config.standardize else "raw features"
 
 
 def write_head_run(*, cache: str | Path, meta: Mapping, config: TrainConfig, summary: RunSummary,
                    timings: Mapping[str, float], history: Sequence[EpochRecord] = (),
-                   head: HeadWeights | None = None, figures: Mapping[str, Figure] | None = None,
+                   head: HeadWeights | None = None, figures: Mapping | None = None,
                    solver: str | None = None, extra: Mapping | None = None, run_name: str | None = None,
                    progress: bool = True, test_logits=None, splits: CacheSplits | None = None) -> RunResult:
     """Write the run directory (mode "head") of one solver's fit on a cache; metrics.json last marks it finished.
@@ -573,8 +594,8 @@ def write_head_run(*, cache: str | Path, meta: Mapping, config: TrainConfig, sum
             (a solver without epochs).
         head: the linear head -> head.npz (what export and predict read); None = no head.npz (a solver whose
             result is not a linear layer, e.g. k-NN).
-        figures: file name in the run directory -> function that draws that PNG at the path given
-            (runs.CURVES_FILE: the curves).
+        figures: the solver's entries of plots.draw_run_figures' spec ("curves", "grid", and "title" to replace
+            run_title's); the test figures (confusion, ROC, calibration) and the chance line are added here.
         solver: stored as extra["solver"], which report shows as mode head/<solver>; None = the trained
             SGD/Adam head (mode "head").
         extra: the solver's own JSON-safe record (the grid, the ridge path, the stream info, ...), stored after
@@ -586,7 +607,6 @@ def write_head_run(*, cache: str | Path, meta: Mapping, config: TrainConfig, sum
         The RunResult, as runs.load_run reads it back.
     """
     from featcache import runs
-    from featcache.cache import SPLITS
     from featcache.environment import library_versions
 
     run_dir = runs.new_run_dir(runs_dir=config.runs_dir, mode="head", model=meta["model"], name=run_name)
@@ -595,33 +615,24 @@ def write_head_run(*, cache: str | Path, meta: Mapping, config: TrainConfig, sum
                        class_names=list(summary.class_names), mean=head.mean, std=head.std)
     if history:
         runs.write_history_csv(run_dir / runs.HISTORY_FILE, history)
-    clinical = _draw_and_score(run_dir, cache=cache, meta=meta, config=config, head=head, figures=figures,
-                               test_logits=test_logits, splits=splits)
-    record = {**({"solver": solver} if solver else {}),
-              "weights": meta.get("weights"), "dataset_name": meta.get("dataset_name"),
-              "feature_dim": meta.get("feature_dim"), "cache_dtype": meta.get("dtype"),
-              "rows": {split: int(meta["splits"].get(split, 0)) for split in SPLITS}, **(extra or {}),
-              **({"clinical": clinical} if clinical is not None else {})}
+    clinical, scored = (_write_clinical(run_dir, cache=cache, meta=meta, config=config, head=head, logits=test_logits,
+                                        splits=splits) if head is not None else (None, {}))
+    drawer = _draw_figures(run_dir, meta=meta, config=config, summary=summary, solver=solver, figures=figures,
+                           scored=scored, clinical=clinical)
+    reference = underfit_check(summary, splits=splits, config=config) if solver is None and splits else None
+    drawer.wait()  # every figure is written before metrics.json marks the run finished
+    record = {**({"solver": solver} if solver else {}), **_cache_record(meta), **(extra or {}),
+              **({"clinical": clinical} if clinical is not None else {}),
+              **({"reference": reference} if reference else {})}
     result = runs.finish_run(run_dir, mode="head", model=meta["model"], config=config, summary=summary,
                              history=history, timings=timings, versions=library_versions(),
                              cache_key=meta.get("key"), cache_path=str(cache), extra=record)
     if result.diverged:
         _say(progress, f"Warning: {diverged_message(result)}")
-    _say(progress, f"Run written to {run_dir}")
+    elif reference and reference.get("warning"):
+        _say(progress, f"Warning: {reference['warning']}")
+    _say(progress, f"Run written to {quoted(run_dir)}")
     return result
-
-
-def _draw_and_score(run_dir: Path, *, cache, meta: Mapping, config: TrainConfig, head: HeadWeights | None,
-                    figures: Mapping[str, Figure] | None, test_logits, splits: CacheSplits | None) -> dict | None:
-    """Every figure of the run, drawn by the figure worker head_train started (else here), and the clinical record
-    (None without a linear head); returns once every figure is written, so metrics.json can follow."""
-    drawer = _FIGURES.get() or _here()
-    for name, draw in (figures or {}).items():
-        drawer.call(draw, run_dir / name)
-    clinical = head and _write_clinical(run_dir, cache=cache, meta=meta, config=config, head=head, logits=test_logits,
-                                        splits=splits, figures=drawer)
-    drawer.wait()
-    return clinical
 
 
 def head_logits(head: HeadWeights, features) -> "np.ndarray":
@@ -635,10 +646,82 @@ def head_logits(head: HeadWeights, features) -> "np.ndarray":
     return x.astype(np.float64) @ np.asarray(head.weight, np.float64).T + np.asarray(head.bias, np.float64)
 
 
+def _cache_record(meta: Mapping) -> dict:
+    """The cache's fields a head run stores in extra: weights, dataset, feature dim, dtype, crop size, rows."""
+    from featcache.cache import SPLITS
+
+    return {"weights": meta.get("weights"), "dataset_name": meta.get("dataset_name"),
+            "feature_dim": meta.get("feature_dim"), "cache_dtype": meta.get("dtype"),
+            "image_size": (meta.get("transform") or {}).get("crop"),
+            "rows": {split: int(meta["splits"].get(split, 0)) for split in SPLITS}}
+
+
+def _draw_figures(run_dir: Path, *, meta: Mapping, config: TrainConfig, summary: RunSummary, solver: str | None,
+                  figures: Mapping | None, scored: Mapping, clinical: Mapping | None):
+    """Every figure of a head run, through plots.draw_run_figures (one picklable spec): the solver's `figures`
+    entries (curves, grid, title), the test confusion matrix and, with logits, ROC and calibration. They are sent
+    to the figure worker head_train started (else drawn here); returns that FigureWorker, which the caller waits
+    for before metrics.json."""
+    from featcache.metrics import chance_accuracy
+    from featcache.plots import draw_run_figures
+    from featcache.runs import test_figures
+
+    title = run_title(meta, config=config) if solver is None else run_title(meta, solver,
+                                                                             settings=_probe_settings(config))
+    spec = {"title": title, "chance": chance_accuracy(summary.support), **(figures or {}),
+            "test": test_figures(summary, logits=scored.get("logits"), labels=scored.get("labels"),
+                                 clinical=clinical)}
+    drawer = _FIGURES.get() or _here()
+    drawer.call(draw_run_figures, run_dir, spec)
+    return drawer
+
+
+def _here():
+    from featcache.figure_worker import FigureWorker
+
+    return FigureWorker.here()
+
+
+# A head whose train accuracy stays this far below closed-form ridge's on the same features underfits.
+UNDERFIT_MARGIN = 0.05
+
+
+def underfit_check(summary: RunSummary, *, splits: CacheSplits, config: TrainConfig) -> dict | None:
+    """The closed-form ridge reference on the same cache (ridge.fit_ridge over its default L2 grid, milliseconds)
+    and, when the trained head's train accuracy is more than UNDERFIT_MARGIN below ridge's, a warning that
+    points to --lr or a sweep (the defaults are the study's and stay). None for a diverged head."""
+    import math
+
+    from featcache.ridge import DEFAULT_L2S, fit_ridge
+
+    if summary.diverged or not math.isfinite(summary.train_acc):
+        return None
+    fit = fit_ridge(*splits.arrays, num_classes=len(splits.class_names), l2s=DEFAULT_L2S,
+                    standardize=config.standardize, class_names=splits.class_names)
+    record = {"solver": "ridge", "l2": fit.l2, "train_acc": float(fit.train_acc[fit.selected]),
+              "val_acc": float(fit.val_acc[fit.selected]), "seconds": fit.seconds, "margin": UNDERFIT_MARGIN}
+    if record["train_acc"] - summary.train_acc > UNDERFIT_MARGIN:
+        record["warning"] = (
+            f"the head's train acc {summary.train_acc:.3f} is far below the {record['train_acc']:.3f} (val "
+            f"{record['val_acc']:.3f}) that closed-form ridge reaches on the same features: it underfits at "
+            f"{config.optimizer} lr {config.lr:g} for {config.epochs} epochs. Try a larger --lr (e.g. "
+            f"--lr {config.lr * 10:g}), a sweep (--lr {config.lr:g},{config.lr * 10:g},{config.lr * 100:g}) or "
+            "--solver ridge / lbfgs.")
+    return record
+
+
+def quoted(path: str | Path) -> str:
+    """A path as the user can paste it into a shell (shlex.quote: quotes only when it holds spaces etc.)."""
+    import shlex
+
+    return shlex.quote(str(path))
+
+
 def _write_clinical(run_dir: Path, *, cache: str | Path, meta: Mapping, config: TrainConfig, head: HeadWeights,
-                    logits, splits: CacheSplits | None, figures=None) -> dict:
+                    logits, splits: CacheSplits | None) -> tuple[dict, dict]:
     """runs.write_clinical of a head run: val and test rows (and train labels) from `splits`, or read again
-    from the cache when the fit did not load it (streamed)."""
+    from the cache when the fit did not load it (streamed). Returns (the clinical record, {"logits" (N_test, K),
+    "labels" (N_test,)} for the figures)."""
     from featcache.cache import FeatureReader, load_paths
     from featcache.cache import load_splits as load_cache_splits
     from featcache.runs import write_clinical
@@ -650,17 +733,12 @@ def _write_clinical(run_dir: Path, *, cache: str | Path, meta: Mapping, config: 
     else:
         loaded, y_train = {"val": splits.val, "test": splits.test}, splits.train[1]
     (x_val, y_val), (x_test, y_test) = loaded["val"], loaded["test"]
-    return write_clinical(
-        run_dir, val_logits=head_logits(head, x_val), val_labels=y_val,
-        test_logits=head_logits(head, x_test) if logits is None else logits, test_labels=y_test,
+    test_logits = head_logits(head, x_test) if logits is None else logits
+    record = write_clinical(
+        run_dir, val_logits=head_logits(head, x_val), val_labels=y_val, test_logits=test_logits, test_labels=y_test,
         test_paths=load_paths(cache, "test"), num_classes=len(meta["class_names"]), config=config,
-        train_labels=y_train, title=run_title(meta), figures=figures)
-
-
-def _here():
-    from featcache.figure_worker import FigureWorker
-
-    return FigureWorker.here()
+        train_labels=y_train)
+    return record, {"logits": test_logits, "labels": y_test}
 
 
 def divergence_reason(history: Sequence[EpochRecord], *, num_classes: int) -> str:

@@ -284,7 +284,9 @@ class LbfgsFit:
 
     def on_edge(self) -> bool:
         """True when the selected C is the smallest or largest of the grid (widen the grid)."""
-        return len(self.path.cs) > 1 and self.selected in (0, len(self.path.cs) - 1)
+        from featcache.metrics import on_grid_edge
+
+        return on_grid_edge(self.selected, len(self.path.cs))
 
     def to_dict(self) -> dict:
         """The whole grid, JSON-safe, as metrics.json would store it (extra["lbfgs"])."""

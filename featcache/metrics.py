@@ -104,6 +104,32 @@ def per_class_scores(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return precision, recall, f1
 
 
+def chance_accuracy(counts) -> float | None:
+    """The accuracy of always predicting the most frequent class: max(counts) / sum(counts) of per-class row
+    counts (C,), e.g. RunSummary.support; None for no rows. The "chance" line of the accuracy figures."""
+    counts = np.asarray(counts, dtype=np.float64).reshape(-1)
+    total = counts.sum()
+    return float(counts.max() / total) if counts.size and total > 0 else None
+
+
+def on_grid_edge(selected: int, size: int) -> bool:
+    """True when the value selected from a grid of `size` values (index `selected`, grid sorted) is its
+    smallest or largest, so that a wider grid might select beyond it; never for a grid of one value."""
+    return size > 1 and selected in (0, size - 1)
+
+
+def edge_note(name: str, values, selected: int, *, option: str) -> str | None:
+    """The one-line note a sweep prints when its choice lies on the edge of its grid (on_grid_edge), else None.
+
+    values: the grid, sorted ascending; selected: the index chosen; option: the flag that sets the grid."""
+    values = list(values)
+    if not on_grid_edge(selected, len(values)):
+        return None
+    side = "smallest" if selected == 0 else "largest"
+    return (f"the selected {name} {values[selected]:g} is the {side} of the grid ({values[0]:g} ... {values[-1]:g}); "
+            f"widen {option} past it.")
+
+
 def balanced_accuracy(cm: np.ndarray) -> float:
     """Mean recall over the classes present in the labels (sklearn's definition)."""
     support = cm.sum(axis=1)

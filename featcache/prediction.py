@@ -103,11 +103,14 @@ def predict(model: nn.Module | str | Path, images: str | Path | Sequence[str | P
         from featcache.environment import default_num_workers
 
         num_workers = default_num_workers()
+    from featcache.environment import worker_context
+
     # Path() / path is the path as given (absolute or relative to the working directory).
     images_dataset = ImageDataset(Path(), [Sample(p, -1) for p in paths], module.transform)
     loader = torch.utils.data.DataLoader(
         SkipUnreadable(images_dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-        collate_fn=collate_readable, pin_memory=torch_device.type == "cuda")
+        collate_fn=collate_readable, pin_memory=torch_device.type == "cuda",
+        multiprocessing_context=worker_context(num_workers))
     num_classes = len(module.class_names)
     logits, kept, failed = [], [], []
     with progress_bar(progress) as bar:

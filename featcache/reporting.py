@@ -16,20 +16,27 @@ COLUMNS = ("model", "mode", "train_loss", "train_acc", "best_val_loss", "best_va
 HEADERS = {"model": "model", "mode": "mode", "train_loss": "train loss", "train_acc": "train acc",
            "best_val_loss": "best val loss", "best_val_acc": "best val acc", "test_acc": "test acc",
            "training_time": "training time (s)"}
+# What tells runs apart (after the study's columns): dataset, solver/optimizer settings, image size, run directory.
+IDENTITY = ("dataset", "optimizer", "lr", "weight_decay", "standardize", "image_size", "run")
+IDENTITY_HEADERS = {"dataset": "dataset", "optimizer": "optimizer", "lr": "lr", "weight_decay": "wd",
+                    "standardize": "std", "image_size": "px", "run": "run"}
 FORMATS = ("table", "markdown", "csv", "json")  # of compare_runs (and `featcache report --format`)
 INTERVALS_TITLE = "Intervals over seeds (mean ± 95 % t-interval)"
 
 
 def print_table(rows: Sequence[Mapping], *, title: str | None = None) -> None:
-    """Print dict rows as a table (columns: the keys of the first row)."""
-    _console().print(_rich_table(rows, title=title))
+    """Print dict rows as a table (columns: the keys of the first row), as wide as its longest cells need, so
+    that no cell (a cache's file name) is cut at the terminal's width."""
+    columns = list(rows[0]) if rows else []
+    natural = sum(max(len(str(c)), *(len(_fmt(r.get(c))) for r in rows)) + 3 for c in columns) + 1
+    _console(natural).print(_rich_table(rows, title=title))
 
 
-def _console():
-    """A rich console on stdout at least 120 columns wide (the study tables are wide)."""
+def _console(width: int = 0):
+    """A rich console on stdout at least 120 (and `width`) columns wide (the study tables are wide)."""
     from rich.console import Console
 
-    return Console(width=max(120, Console().width))
+    return Console(width=max(120, width, Console().width))
 
 
 def _rich_table(rows: Sequence[Mapping], *, title: str | None = None, headers: Mapping | None = None):
@@ -52,8 +59,11 @@ def cache_row(record: Mapping, *, dataset_changed: Callable[[Mapping], bool | No
     """
     splits = " ".join(f"{s}={v['n']}" if v["n"] == v["done"] else f"{s}={v['done']}/{v['n']}"
                       for s, v in record["splits"].items())
+    transform = record.get("transform") if isinstance(record.get("transform"), Mapping) else {}
+    image = f"{transform['crop']} px (resize {transform.get('resize', '?')})" if transform.get("crop") else "?"
     return {"dataset": record["dataset"], "model": record.get("model") or "?",
-            "weights": record.get("weights") or "?", "splits": splits, "D": record.get("feature_dim") or "?",
+            "weights": record.get("weights") or "?", "image": image, "splits": splits,
+            "D": record.get("feature_dim") or "?",
             "dtype": record.get("dtype") or "?", "size": f"{record['size'] / 1e6:.1f} MB",
             "status": "stale" if record["status"] == "complete" and dataset_changed(record) else record["status"],
             "file": Path(record["path"]).name}
@@ -74,8 +84,23 @@ def run_row(run) -> dict:
     row["selected_epoch"] = s.selected_epoch
     row["diverged"] = s.diverged
     row["run_dir"] = str(run.run_dir)
+    row.update(identity_values(run))
     row.update(clinical_values(run))
     return row
+
+
+def identity_values(run) -> dict:
+    """The IDENTITY columns of a run: its dataset (the cache's or the fine-tuned folder's name), the optimizer,
+    lr and weight decay of a trained head or network (None for ridge, lbfgs, knn and few-shot, which have none),
+    whether features were standardized, the crop size in pixels and the run directory's name."""
+    extra, config = run.extra, run.config
+    dataset = extra.get("dataset_name") or (Path(extra["dataset_root"]).name if extra.get("dataset_root") else None)
+    transform = extra.get("transform") if isinstance(extra.get("transform"), Mapping) else {}
+    trained = not extra.get("solver")
+    return {"dataset": dataset, "optimizer": config.optimizer if trained else None,
+            "lr": config.lr if trained else None, "weight_decay": config.weight_decay if trained else None,
+            "standardize": config.standardize if run.mode == "head" else None,
+            "image_size": extra.get("image_size") or transform.get("crop"), "run": Path(run.run_dir).name}
 
 
 CLINICAL_TITLE = "Test metrics with 95 % stratified bootstrap intervals (operating point chosen on val)"
@@ -127,8 +152,18 @@ def clinical_rows(runs) -> list[dict]:
     return [{k: row.get(k, "-") for k in columns} for row in rows]
 
 
-def print_summary(run) -> None:
-    """Print one run's table row and test details, as head-train and finetune end."""
+def run_notes(run) -> list[str]:
+    """What a head run warned about as it ended (head_runs): a head far below the ridge reference (underfit),
+    a grid or k choice on the edge of its grid."""
+    notes = [f"Warning: {(run.extra.get('reference') or {}).get('warning')}"] if (
+        run.extra.get("reference") or {}).get("warning") else []
+    notes += [f"Note: {run.extra[k]['note']}" for k in ("grid", "knn") if (run.extra.get(k) or {}).get("note")]
+    return notes
+
+
+def print_summary(run, *, notes: bool = False) -> None:
+    """Print one run's table row and test details, as head-train and finetune end; notes=True also prints
+    run_notes (what head-train --quiet did not say on stderr)."""
     row = {k: v for k, v in run_row(run).items() if k in COLUMNS}
     console = _console()
     console.print(_rich_table([row], title=f"{run.model} — {run.mode}", headers=HEADERS))
@@ -155,12 +190,23 @@ def print_summary(run) -> None:
                       f"test loss {s.test_loss:.4f}, balanced acc {s.balanced_accuracy:.4f}{auc}")
     if s.diverged:
         console.print("[bold red]diverged[/]: the run stopped early; see metrics.json")
+    for note in run_notes(run) if notes else []:
+        console.print(note, markup=False)
     for table in _extra_tables(run):
         console.print(table)
     if clinical := clinical_rows([run]):
         console.print(_rich_table(clinical, title=CLINICAL_TITLE))
-    curves = Path(run.run_dir) / "curves.png"
-    console.print(f"run: {run.run_dir}" + (f"  (curves: {curves})" if curves.is_file() else ""))
+    figures = [name for name in ("curves.png", "confusion.png", "roc.png", "grid.png")
+               if (Path(run.run_dir) / name).is_file()]
+    console.print(f"run: {_quoted(run.run_dir)}" + (f"  (figures: {', '.join(figures)})" if figures else ""),
+                  markup=False)
+
+
+def _quoted(path) -> str:
+    """A path as it can be pasted into a shell (shlex.quote: quotes only when it holds spaces and the like)."""
+    import shlex
+
+    return shlex.quote(str(path))
 
 
 def collect_runs(paths, *, note: Callable[[str], object] | None = None) -> list:
@@ -174,20 +220,25 @@ def collect_runs(paths, *, note: Callable[[str], object] | None = None) -> list:
     from featcache.runs import RunResult, is_finished, load_run
 
     note = note or (lambda message: print(message, file=sys.stderr, flush=True))
-    loaded = []
+    loaded, ignored = [], []
     for item in paths:
         if isinstance(item, RunResult):
             loaded.append(item)
             continue
         path = Path(item)
-        inside = sorted(p for p in path.iterdir() if p.is_dir()) if path.is_dir() and not is_finished(path) else []
+        inside = sorted(path.iterdir()) if path.is_dir() and not is_finished(path) else []
+        inside = inside if any(p.is_dir() for p in inside) else []  # a folder of runs, not an empty/unfinished run
         for candidate in inside or [path]:
             if is_finished(candidate) or not candidate.exists():
                 loaded.append(_checked(load_run(candidate)))  # a missing path: load_run's UserError
             elif candidate.is_file():
-                note(f"Skipping {candidate}: a file, not a run directory.")
+                ignored.append(candidate)
             else:
                 note(f"Skipping {candidate}: an unfinished run (no metrics.json: still running, or stopped).")
+    if ignored:
+        names = ", ".join(p.name for p in ignored[:5]) + (", ..." if len(ignored) > 5 else "")
+        note(f"Ignored {len(ignored)} file{'s' if len(ignored) != 1 else ''} that {'are' if len(ignored) != 1 else 'is'} "
+             f"not a run directory ({names}).")
     if not loaded:
         raise UserError(f"No finished runs among {', '.join(str(p) for p in paths)}; pass run directories "
                         "(or the folder holding them) written by featcache.")
@@ -223,12 +274,11 @@ def compare_runs(runs, *, format: str = "table", figure: str | Path | None = Non
     loaded = collect_runs(runs, note=note)
     rows = [run_row(r) for r in loaded]
     if figure is not None:
-        from featcache.plots import plot_comparison
-
-        plot_comparison(loaded, figure)
+        draw_report_figures(loaded, figure)
     if format == "json":  # strict JSON, as metrics.json: a non-finite number is null
-        return json.dumps([{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()}
-                           for r in rows], indent=2, allow_nan=False)
+        return json.dumps([_finite({**r, "config": dataclasses.asdict(run.config),
+                                    **({"finetune": run.extra["finetune"]} if "finetune" in run.extra else {})})
+                           for r, run in zip(rows, loaded)], indent=2, allow_nan=False, default=str)
     if format == "csv":
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
@@ -236,10 +286,12 @@ def compare_runs(runs, *, format: str = "table", figure: str | Path | None = Non
         writer.writerows(rows)
         return buf.getvalue()
     if format == "markdown":
-        cols = list(COLUMNS)
-        lines = ["| " + " | ".join(HEADERS[c] for c in cols) + " |",
-                 "|" + "|".join("---" if c in ("model", "mode") else "---:" for c in cols) + "|"]
-        lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
+        cols = [*COLUMNS, *IDENTITY]
+        names = {**HEADERS, **IDENTITY_HEADERS}
+        lines = ["| " + " | ".join(names[c] for c in cols) + " |",
+                 "|" + "|".join("---" if c in ("model", "mode", "dataset", "optimizer", "run") else "---:"
+                                for c in cols) + "|"]
+        lines += ["| " + " | ".join(_fmt(v) for v in _shown(r).values()) + " |" for r in rows]
         for title, extra in ((INTERVALS_TITLE, interval_rows(loaded)), (CLINICAL_TITLE, clinical_rows(loaded)),
                              (PAIRED_TITLE, paired_rows(loaded))):
             if extra:
@@ -250,8 +302,8 @@ def compare_runs(runs, *, format: str = "table", figure: str | Path | None = Non
     if format == "table":
         from rich.console import Console
 
-        console = Console(width=140, record=True, file=io.StringIO())
-        console.print(_rich_table([{c: r[c] for c in COLUMNS} for r in rows], title="Runs", headers=HEADERS))
+        console = Console(width=200, record=True, file=io.StringIO())
+        console.print(_rich_table([_shown(r) for r in rows], title="Runs", headers={**HEADERS, **IDENTITY_HEADERS}))
         intervals = interval_rows(loaded)
         if intervals:
             console.print(_rich_table(intervals, title=INTERVALS_TITLE))
@@ -264,6 +316,71 @@ def compare_runs(runs, *, format: str = "table", figure: str | Path | None = Non
                 console.print(_grid_table(run))
         return console.export_text()
     raise ValueError(f"format must be one of {FORMATS}")
+
+
+def _shown(row: Mapping) -> dict:
+    """The study's columns and the IDENTITY columns of a run_row as the table and markdown show them (lr and
+    weight decay in %g, which 4 decimals would round to 0)."""
+    shown = {c: row[c] for c in (*COLUMNS, *IDENTITY)}
+    for c in ("lr", "weight_decay"):
+        shown[c] = None if shown[c] is None else f"{shown[c]:g}"
+    return shown
+
+
+def _finite(row: Mapping) -> dict:
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+
+
+def run_label(run) -> str:
+    """A run's short name in figure legends: `<model> <mode> <settings> (<run directory>)`."""
+    ident = identity_values(run)
+    settings = (f" {ident['optimizer']} lr {ident['lr']:g}" if ident["optimizer"] else "")
+    return f"{run.model} {run_row(run)['mode']}{settings} ({ident['run']})"
+
+
+def test_bars(runs) -> list[dict]:
+    """The bars of the report's test figure: one per seed group (mean test acc with its 95 % t-interval,
+    interval_rows' grouping) or grid run (its selected cell over seeds), one per other run (its test acc)."""
+    from featcache.metrics import mean_interval
+
+    grouped, bars = _seed_groups(runs), []
+    seen = set()
+    for run in runs:
+        if id(run) in seen:
+            continue
+        members = next((g for g in grouped if any(m is run for m in g)), None)
+        if members:
+            seen.update(id(m) for m in members)
+            d = mean_interval([m.summary.test_acc for m in members]).to_dict()
+            label = f"{run_label(run)} x{len(members)} seeds"
+        elif "seed_stats" in run.extra:
+            d, label = run.extra["seed_stats"]["test_acc"], f"{run_label(run)} x{run.extra['seed_stats']['n']} seeds"
+        else:
+            bars.append({"label": run_label(run), "value": run.summary.test_acc, "low": None, "high": None})
+            continue
+        half = d.get("half_width")
+        bars.append({"label": label, "value": d.get("mean"), "low": None if half is None else d["mean"] - half,
+                     "high": None if half is None else d["mean"] + half})
+    return bars
+
+
+def report_figure_paths(figure: str | Path) -> tuple[Path, Path]:
+    """(the val-curves figure, the test-accuracy bars beside it: X.png -> X-test.png) of `report --figure X.png`."""
+    figure = Path(figure)
+    return figure, figure.with_name(f"{figure.stem}-test{figure.suffix or '.png'}")
+
+
+def draw_report_figures(runs, figure: str | Path) -> list[Path]:
+    """`report --figure X.png`: X.png (val curves of every run, plots.plot_comparison) and X-test.png (test
+    accuracy per run or seed group, plots.plot_test_bars)."""
+    from featcache.plots import plot_comparison, plot_test_bars
+
+    figure, bars_path = report_figure_paths(figure)
+    datasets = sorted({str(identity_values(r)["dataset"]) for r in runs})
+    where = f" on {', '.join(datasets)}" if len(datasets) <= 3 else f" on {len(datasets)} datasets"
+    return [plot_comparison(runs, figure, f"Validation curves of {len(runs)} runs{where}",
+                            labels=[run_label(r) for r in runs]),
+            plot_test_bars(test_bars(runs), bars_path, f"Test accuracy of {len(runs)} runs{where}")]
 
 
 def format_interval(d: Mapping | None) -> str:
@@ -286,7 +403,7 @@ def interval_rows(runs) -> list[dict]:
     training settings, cache and fine-tuning settings (the first run of each seed counts; grid runs carry
     their own intervals; ridge runs are deterministic and never grouped).
     """
-    rows, groups = [], {}
+    rows = []
     for run in runs:
         if "seed_stats" in run.extra:
             st = run.extra["seed_stats"]
@@ -300,19 +417,7 @@ def interval_rows(runs) -> list[dict]:
                          "seeds": f["draws"], "best val acc": _mean_interval(f["val_acc"]),
                          "test acc": format_interval(f["test_acc"]), "from": f"{f['draws']} draws, one run"})
             continue
-        if run.extra.get("solver"):  # ridge, lbfgs, knn: deterministic, never grouped by seed
-            continue
-        config = dataclasses.asdict(run.config)
-        config.pop("seed")
-        config.pop("runs_dir", None)
-        key = json.dumps({"model": run.model, "mode": run.mode, "config": config, "cache": run.cache.get("key"),
-                          "finetune": run.extra.get("finetune"),
-                          "dataset": run.extra.get("dataset_fingerprint")}, sort_keys=True, default=str)
-        groups.setdefault(key, {}).setdefault(run.config.seed, run)
-    for by_seed in groups.values():
-        members = list(by_seed.values())
-        if len(members) < 2:
-            continue
+    for members in _seed_groups(runs):
         first = members[0]
         rows.append({"model": first.model, "mode": run_row(first)["mode"], "setting": _setting(first.config),
                      "seeds": len(members),
@@ -320,6 +425,22 @@ def interval_rows(runs) -> list[dict]:
                      "test acc": _mean_interval([r.summary.test_acc for r in members]),
                      "from": f"{len(members)} runs, seeds {', '.join(str(r.config.seed) for r in members)}"})
     return rows
+
+
+def _seed_groups(runs) -> list[list]:
+    """interval_rows' seed groups: lists of two or more runs that differ only in their seed (first run per seed)."""
+    groups = {}
+    for run in runs:
+        if "seed_stats" in run.extra or "fewshot" in run.extra or run.extra.get("solver"):
+            continue  # grid runs and draws carry their own intervals; ridge, lbfgs, knn are deterministic
+        config = dataclasses.asdict(run.config)
+        config.pop("seed")
+        config.pop("runs_dir", None)
+        key = json.dumps({"model": run.model, "mode": run.mode, "config": config, "cache": run.cache.get("key"),
+                          "finetune": run.extra.get("finetune"),
+                          "dataset": run.extra.get("dataset_fingerprint")}, sort_keys=True, default=str)
+        groups.setdefault(key, {}).setdefault(run.config.seed, run)
+    return [list(by_seed.values()) for by_seed in groups.values() if len(by_seed) >= 2]
 
 
 def _mean_interval(values) -> str:

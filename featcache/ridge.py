@@ -167,4 +167,4 @@ def fit_ridge(train: Arrays, val: Arrays, test: Arrays, *, num_classes: int, l2s
 
 def l2_is_on_edge(fit: RidgeFit) -> bool:
     """True when the selected λ is the smallest or largest of the grid (widen the grid)."""
-    return len(fit.l2s) > 1 and fit.selected in (0, len(fit.l2s) - 1)
+    return metrics.on_grid_edge(fit.selected, len(fit.l2s))

@@ -249,6 +249,14 @@ def split_seconds(timings: Mapping[str, float]) -> dict:
     return {"compile_seconds": float(timings["compile_s"]), "train_seconds": float(timings["train_s"])}
 
 
+def settings_text(config: TrainConfig) -> str:
+    """The key training settings of a run in a few words, for figure titles and the report:
+    `sgd lr 0.001 wd 0, 30 epochs, batch 32[, standardized]`."""
+    text = (f"{config.optimizer} lr {config.lr:g} wd {config.weight_decay:g}, {config.epochs} epochs, "
+            f"batch {config.batch_size}")
+    return text + (", standardized" if config.standardize else "")
+
+
 def is_finished(run_dir: str | Path) -> bool:
     """True when the run directory holds its metrics.json."""
     return (Path(run_dir) / METRICS_FILE).is_file()
@@ -455,27 +463,32 @@ def load_test_logits(run_dir: str | Path) -> ScoredRows:
 
 def write_clinical(run_dir: str | Path, *, val_logits: np.ndarray, val_labels: np.ndarray, test_logits: np.ndarray,
                    test_labels: np.ndarray, test_paths: Sequence[str], num_classes: int, config: TrainConfig,
-                   train_labels: np.ndarray | None, title: str, figures=None) -> dict:
-    """test_logits.npz, roc.png and calibration.png of a run; returns its `clinical_record` (for extra["clinical"]).
+                   train_labels: np.ndarray | None, title: str | None = None) -> dict:
+    """test_logits.npz of a run; returns its `clinical_record` (for extra["clinical"]). Its figures (roc.png,
+    calibration.png) are drawn by plots.draw_run_figures from `test_figures`.
 
     Args:
         val_logits, test_logits: (N_val, K), (N_test, K) logits of the selected epoch; val_labels, test_labels:
             (N_val,), (N_test,) int; test_paths: (N_test,) image paths relative to the dataset root, row-aligned.
         num_classes: C; config: operating_point, bootstrap, class_weight; train_labels: see clinical_record.
-        title: the figures' title.
-        figures: a figure_worker.FigureWorker that draws them (off the caller's critical path); None = here.
+        title: unused (the figures' title is the spec's); kept for callers that pass it.
     """
-    from featcache.plots import plot_calibration, plot_roc
-
     run_dir = Path(run_dir)
     record = clinical_record(val_logits=val_logits, val_labels=val_labels, test_logits=test_logits,
                              test_labels=test_labels, num_classes=num_classes, config=config, train_labels=train_labels)
     save_test_logits(run_dir / TEST_LOGITS_FILE, logits=test_logits, labels=test_labels, paths=test_paths)
-    if np.isfinite(np.asarray(test_logits, dtype=np.float64)).all():  # a diverged run has no curve to draw
-        draw = figures.call if figures is not None else (lambda f, *args, **kwargs: f(*args, **kwargs))
-        draw(plot_roc, {"test": (test_logits, test_labels)}, run_dir / ROC_FILE, f"ROC, {title}",
-             num_classes=num_classes)
-        draw(plot_calibration, test_logits, test_labels, run_dir / CALIBRATION_FILE, f"Reliability, {title}",
-             num_classes=num_classes, bins=record["calibration"]["bins"],
-             temperature=record["calibration"]["temperature"])
     return record
+
+
+def test_figures(summary: RunSummary, *, logits: np.ndarray | None = None, labels: np.ndarray | None = None,
+                 clinical: Mapping | None = None) -> dict:
+    """The "test" entry of plots.draw_run_figures' spec for a run: its confusion matrix and per-class scores
+    (from the summary), and with logits (N_test, K) and labels (N_test,) its ROC and calibration figures
+    (bins and temperature from the clinical record)."""
+    calibration = (clinical or {}).get("calibration") or {}
+    return {"class_names": list(summary.class_names), "num_classes": len(summary.class_names),
+            "confusion": np.asarray(summary.confusion_matrix, dtype=np.int64),
+            "scores": {k: list(getattr(summary, k)) for k in ("precision", "recall", "f1", "support")},
+            "logits": None if logits is None else np.asarray(logits, dtype=np.float32),
+            "labels": None if labels is None else np.asarray(labels, dtype=np.int64).reshape(-1),
+            "bins": calibration.get("bins", 15), "temperature": calibration.get("temperature")}

@@ -87,6 +87,24 @@ class GridFit:
                 "cells": [c.to_dict(self.seeds) for c in self.cells]}
 
 
+def grid_edge_note(grid: GridFit) -> str | None:
+    """What to say when the selected lr or weight decay lies on the edge of its axis of the grid (each axis
+    sorted; metrics.edge_note), else None."""
+    from featcache.metrics import edge_note
+
+    cell = grid.selected_cell
+    notes = []
+    for name, values, chosen, option in (("lr", grid.lrs, cell.lr, "--lr"),
+                                         ("weight decay", grid.weight_decays, cell.weight_decay, "--weight-decay")):
+        ordered = sorted(values)
+        if name == "weight decay" and ordered[0] == 0 and chosen == 0:  # no decay is the natural floor
+            continue
+        note = edge_note(name, ordered, ordered.index(chosen), option=option)
+        if note:
+            notes.append(note)
+    return " ".join(n[0].upper() + n[1:] for n in notes) or None
+
+
 def _json_float(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 

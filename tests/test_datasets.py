@@ -231,7 +231,7 @@ def test_fingerprint_covers_split_rule(tmp_path):
 
 
 def test_fingerprint_of_a_vanished_file_is_a_user_error(tmp_path):
-    root = _layout(tmp_path / "d", {"train": {"a": 4}})
+    root = _layout(tmp_path / "d", {"train": {"a": 4, "b": 4}})
     index = scan_dataset(root)
     (root / "train" / "a" / "img_002.png").unlink()
     with pytest.raises(UserError, match="img_002.png disappeared"):

@@ -331,22 +331,23 @@ def test_write_head_run_of_a_solver_without_epochs_or_linear_head(tmp_path):
                                    val_loss=float("nan"), val_acc=0.75, seconds=0.5)]
     summary = metrics.summarize(history, 0, test_logits=np.where(labels == 1, 2.0, -2.0)[:, None], test_labels=labels,
                                 class_names=["normal", "pneumonia"], train_seconds=0.5)
-    drawn = []
     meta = dict(META, splits={"train": 9, "val": 4, "test": 5})
+    path_curve = {"kind": "path", "values": [10, 20], "curves": {"val acc": [0.5, 0.75]}, "name": "k",
+                  "description": "k", "axis_label": "k", "selected": 1}  # a plots.draw_run_figures entry
     result = write_head_run(cache="cache/x.h5", meta=meta, config=TrainConfig(runs_dir=str(tmp_path)), summary=summary,
-                            timings={"load_s": 0.1, "train_s": 0.5},
-                            figures={"knn.png": lambda path: (drawn.append(path), path.write_bytes(b"png"))},
+                            timings={"load_s": 0.1, "train_s": 0.5}, figures={"curves": path_curve},
                             solver="knn", extra={"knn": {"k": 20}}, run_name="knn", progress=False)
 
-    assert sorted(p.name for p in result.run_dir.iterdir()) == ["knn.png", "metrics.json"]  # no head.npz, history.csv
-    assert drawn == [tmp_path / "knn" / "knn.png"]
+    # no head.npz, history.csv, test_logits.npz, roc.png: the confusion matrix comes from the summary alone
+    assert sorted(p.name for p in result.run_dir.iterdir()) == ["confusion.png", "curves.png", "metrics.json"]
     loaded = runs.load_run(tmp_path / "knn")
     assert loaded.history == [] and loaded.summary.to_dict() == summary.to_dict() and loaded.mode == "head"
     assert loaded.extra == {"solver": "knn", "weights": "imagenet", "dataset_name": "xray", "feature_dim": 12,
-                            "cache_dtype": "float32", "rows": {"train": 9, "val": 4, "test": 5}, "knn": {"k": 20}}
+                            "cache_dtype": "float32", "image_size": None, "rows": {"train": 9, "val": 4, "test": 5},
+                            "knn": {"k": 20}}
     assert loaded.cache == {"key": "abc123def456", "path": "cache/x.h5"} and "numpy" in loaded.versions
     assert "head/knn" in compare_runs([loaded], format="table")
-    assert run_title(meta, "knn") == "resnet18 knn (xray)"
+    assert run_title(meta, "knn") == "resnet18 knn on xray"
 
 
 def test_head_train_refuses_options_that_do_not_combine_before_reading_the_cache(tmp_path):

@@ -20,7 +20,7 @@ import featcache
 from featcache import runs
 from featcache.cache import CacheWriter, SplitRows
 from featcache.cli import cli
-from featcache.reporting import COLUMNS, HEADERS
+from featcache.reporting import COLUMNS, HEADERS, IDENTITY, IDENTITY_HEADERS
 
 PNG = b"\x89PNG\r\n\x1a\n"
 NUMBERS = ("train_loss", "train_acc", "best_val_loss", "best_val_acc", "test_acc", "training_time")
@@ -62,7 +62,18 @@ def _expected(run_dir: Path) -> dict:
     return {"model": doc["model"], "mode": f"{doc['mode']}/{solver}" if solver else doc["mode"],
             **{k: doc["summary"][k] for k in NUMBERS},
             "selected_epoch": doc["summary"]["selected_epoch"], "diverged": doc["diverged"], "run_dir": str(run_dir),
-            **_expected_clinical(doc["extra"].get("clinical"))}
+            **_expected_identity(doc, run_dir), **_expected_clinical(doc["extra"].get("clinical"))}
+
+
+def _expected_identity(doc: dict, run_dir: Path) -> dict:
+    """What tells runs apart (dataset, optimizer settings, crop size, run name) and the config, from metrics.json."""
+    extra, config, trained = doc["extra"], doc["config"], not doc["extra"].get("solver")
+    dataset = extra.get("dataset_name") or (Path(extra["dataset_root"]).name if "dataset_root" in extra else None)
+    return {"dataset": dataset, "optimizer": config["optimizer"] if trained else None,
+            "lr": config["lr"] if trained else None, "weight_decay": config["weight_decay"] if trained else None,
+            "standardize": config["standardize"] if doc["mode"] == "head" else None,
+            "image_size": extra.get("image_size") or (extra.get("transform") or {}).get("crop"), "run": run_dir.name,
+            "config": config, **({"finetune": extra["finetune"]} if "finetune" in extra else {})}
 
 
 def _expected_clinical(clinical: dict | None) -> dict:
@@ -91,7 +102,8 @@ def test_json_rows_are_the_runs_summaries(two_runs, tmp_path):
     assert [r["model"] for r in rows] == ["resnet18", "googlenet"]
     assert rows[0]["best_val_acc"] > 0.6  # the blobs are separable: real numbers, not a constant model
     assert figure.read_bytes()[:8] == PNG and figure.stat().st_size > 10_000
-    assert f"figure: {figure}" in err
+    bars = figure.with_name("cmp-test.png")  # the test-accuracy bars beside the curves
+    assert f"figures: {figure} {bars}" in err and bars.read_bytes()[:8] == PNG
 
 
 def test_csv_rows_round_trip_the_numbers(two_runs, tmp_path):
@@ -108,12 +120,14 @@ def test_csv_rows_round_trip_the_numbers(two_runs, tmp_path):
 def test_markdown_and_table_show_the_study_columns(two_runs, tmp_path):
     out, _ = _report([*two_runs, "--format", "markdown", "--figure", ""])
     lines = out.strip().splitlines()
-    assert lines[0] == "| " + " | ".join(HEADERS[c] for c in COLUMNS) + " |"
-    assert lines[1].count("|") == len(COLUMNS) + 1
+    assert lines[0].startswith("| " + " | ".join(HEADERS[c] for c in COLUMNS) + " |")  # then what tells runs apart
+    assert lines[0].endswith(" | ".join(IDENTITY_HEADERS[c] for c in IDENTITY) + " |")
+    assert lines[1].count("|") == len(COLUMNS) + len(IDENTITY) + 1
     for line, run_dir in zip(lines[2:4], two_runs, strict=True):
         want = _expected(run_dir)
         cells = [c.strip() for c in line.strip("|").split("|")]
-        assert cells == [want["model"], want["mode"], *(f"{want[k]:.4f}" for k in NUMBERS)]
+        assert cells[:len(COLUMNS)] == [want["model"], want["mode"], *(f"{want[k]:.4f}" for k in NUMBERS)]
+        assert cells[-1] == run_dir.name
 
     out, _ = _report([*two_runs, "--figure", ""])  # default: a rich table
     for run_dir in two_runs:
@@ -165,7 +179,7 @@ def test_a_directory_that_is_not_a_finished_run_is_skipped_with_a_note_or_exits_
         assert result.exit_code == 0, result.output
         assert result.stderr.splitlines() == [
             f"Skipping {bad}: an unfinished run (no metrics.json: still running, or stopped).",
-            f"figure: {tmp_path / 'f.png'}"]
+            f"figures: {tmp_path / 'f.png'} {tmp_path / 'f-test.png'}"]
         assert "resnet18" in result.stdout and "googlenet" not in result.stdout  # the one finished run
         assert (tmp_path / "f.png").is_file()
     alone = CliRunner().invoke(cli, ["report", str(bad), "--figure", str(tmp_path / "g.png")])

@@ -85,6 +85,7 @@ def list_caches(cache_dir: str | Path) -> list[dict]:
             with h5py.File(p, "r", locking=False) as f:  # a writer holds the HDF5 lock of a partial
                 meta = decode_attrs(f.attrs)
                 row.update(model=meta.get("model"), weights=meta.get("weights"), dtype=meta.get("dtype"),
+                           transform=meta.get("transform"),  # resize, crop, interpolation, mean, std
                            feature_dim=meta.get("feature_dim"), key=meta.get("key"),
                            dataset_root=meta.get("dataset_root"), dataset_fingerprint=meta.get("dataset_fingerprint"),
                            split_rule=meta.get("split_rule"),  # what extract.dataset_changed compares

@@ -165,8 +165,42 @@ def timestamp() -> str:
 # --------------------------------------------------------------------------- what a bad file is told
 
 
-def unreadable_cache_error(path: str | Path) -> CacheError:
-    """The error for a cache file whose bytes cannot be read as one (corrupt or truncated)."""
+CACHE_SUFFIXES = (".h5", ".hdf5", ".h5.partial")  # a file named so and unreadable is a damaged cache
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # at offset 0, or 512, 1024, ... after a user block
+
+
+def is_hdf5(path: str | Path) -> bool:
+    """True when the file carries the HDF5 signature (at 0 or at a power-of-two offset from 512), i.e. it is an
+    HDF5 file, whole or damaged; False for any other file (a PNG, a JSON, ...) or one that cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            offset = 0
+            while True:
+                f.seek(offset)
+                head = f.read(len(HDF5_SIGNATURE))
+                if head == HDF5_SIGNATURE:
+                    return True
+                if len(head) < len(HDF5_SIGNATURE):
+                    return False
+                offset = 512 if offset == 0 else offset * 2
+    except OSError:
+        return False
+
+
+def not_a_cache_error(path: str | Path) -> UserError:
+    """The error for a file that is not a featcache cache at all (another file given as --cache): bad input,
+    exit 2; nothing to delete."""
+    return UserError(f"{path} is not a featcache cache file (not an HDF5 file written by featcache extract); pass a "
+                     ".h5 file from the cache folder (featcache cache ls lists them) or use --model and --data.")
+
+
+def unreadable_cache_error(path: str | Path) -> UserError:
+    """The error for a file that cannot be read as a cache: a file that is neither named like a cache (.h5) nor
+    HDF5 at all, e.g. a PNG or JSON given as --cache (not_a_cache_error, exit 2), or else a cache file that is
+    corrupt or truncated (a CacheError, exit 3: delete it and extract again)."""
+    path = Path(path)
+    if path.is_file() and not path.name.endswith(CACHE_SUFFIXES) and not is_hdf5(path):
+        return not_a_cache_error(path)
     return CacheError(f"{path} is not a readable cache (corrupt or truncated); delete it and run featcache extract "
                       "again.")
 

@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 import h5py
 import numpy as np
 
-from featcache.cache.layout import (PARTIAL_SUFFIX, READABLE_VERSIONS, check_labels, check_rows, decode_attrs,
+from featcache.cache.layout import (PARTIAL_SUFFIX, not_a_cache_error, READABLE_VERSIONS, check_labels, check_rows, decode_attrs,
                                     decode_path, missing_rows_error, non_finite_error, non_finite_rows, stored_checksums,
                                     unreadable_cache_error)
 from featcache.cache.lock import missing_cache_error
@@ -34,6 +34,8 @@ def open_complete(path: str | Path) -> h5py.File:
     except Exception:
         raise unreadable_cache_error(path) from None
     try:
+        if "format_version" not in f.attrs and "key" not in f.attrs:  # an HDF5 file of some other program
+            raise not_a_cache_error(path)
         if f.attrs.get("format_version") not in READABLE_VERSIONS or not f.attrs.get("complete", False):
             raise CacheError(f"{path} is not a complete featcache cache (format {f.attrs.get('format_version')}); "
                              "delete it and run featcache extract again.")

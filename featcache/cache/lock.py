@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 from featcache.cache.layout import folder_error, lock_path, partial_path, symlink_error, timestamp
-from featcache.errors import CacheError, LockedError
+from featcache.errors import CacheError, LockedError, UserError
 
 LOCK_GRACE_S = 1.0  # a held lock is retried this long before it counts as held (a killed run's workers let go)
 
@@ -83,7 +83,7 @@ def lock_holder(final: Path) -> str | None:
         os.close(fd)
 
 
-def missing_cache_error(final: Path) -> CacheError | LockedError:
+def missing_cache_error(final: Path) -> UserError:
     """Why the cache `final` is not there: being extracted now (LockedError), interrupted, or never extracted."""
     final = Path(final)
     holder = lock_holder(final)
@@ -93,4 +93,5 @@ def missing_cache_error(final: Path) -> CacheError | LockedError:
     if partial_path(final).exists():
         return CacheError(f"Cache file {final} does not exist yet: its extraction was interrupted "
                           f"({partial_path(final).name} is kept); run the same featcache extract again to resume it.")
-    return CacheError(f"Cache file {final} does not exist; run featcache extract to create it.")
+    return UserError(f"Cache file {final} does not exist; check the path (featcache cache ls lists the caches) or run "
+                     "featcache extract to create it.")  # bad input (exit 2), not a bad cache
