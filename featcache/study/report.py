@@ -204,12 +204,13 @@ def answer_lines(report: dict) -> list[str]:
     close = [n for n in report["rows"] if n["versus_best"] and n["versus_best"]["accuracy"]["low"] is not None
              and n["versus_best"]["accuracy"]["low"] <= 0 <= n["versus_best"]["accuracy"]["high"]]
     if close:
-        cheapest = min(close, key=lambda n: n["cost"]["total_s"])
+        cheapest = min([best, *close], key=lambda n: n["cost"]["total_s"])
         lines.append(f"Not distinguishable from it on these {report['test_images']} test images (paired 95 % "
                      f"interval of the accuracy difference holds 0): "
-                     + "; ".join(f"{n['name']} {_diff(n['versus_best']['accuracy'])}" for n in close)
-                     + f". Cheapest of them: {cheapest['name']} ({cheapest['cost']['total_s']:.1f} s).")
-    else:
+                     + "; ".join(f"{n['name']} {_diff(n['versus_best']['accuracy'])}" for n in close) + "."
+                     + ("" if cheapest is best else f" Cheapest of them: {cheapest['name']} "
+                                                    f"({cheapest['cost']['total_s']:.1f} s)."))
+    elif len(report["rows"]) > 1:
         lines.append(f"Every other row is worse on these {report['test_images']} test images (paired 95 % "
                      "intervals of the accuracy difference below 0).")
     for d in report["frozen_vs_finetune"]:
@@ -238,17 +239,20 @@ def table_rows(report: dict) -> list[list[str]]:
     return out
 
 
+SCREEN_COLUMNS = (0, 1, 2, 6, 7, 8, 10, 11)  # of TABLE_HEADERS: the first screen's short table
+
+
 def first_screen(report: dict) -> str:
-    """What `featcache study` prints at the end: the answer, then the table."""
+    """What `featcache study` prints at the end: the answer, then the table's main columns (all in report.md)."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="Rows: mean ± 95 % interval over seeds")
-    for h in TABLE_HEADERS:
-        table.add_column(h)
+    table = Table(title="mean ± 95 % interval over seeds; Δ: paired, same test images (all columns: report.md)")
+    for i in SCREEN_COLUMNS:
+        table.add_column(TABLE_HEADERS[i], no_wrap=i < 2)
     for r in table_rows(report):
-        table.add_row(*r)
-    console = Console(file=io.StringIO(), width=200, force_terminal=False)
+        table.add_row(*(r[i] for i in SCREEN_COLUMNS))
+    console = Console(file=io.StringIO(), width=160, force_terminal=False)
     console.print("\n".join(answer_lines(report)))
     console.print(table)
     return console.file.getvalue().rstrip("\n")
