@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -76,7 +77,10 @@ class Scores:
         for row in rows:
             stacked = []
             for run in row.ok:
-                scored = runs.load_test_logits(run.run_dir)
+                scored = test_logits(run)
+                if scored is None:  # a probe without per-image scores (knn): no paired comparison
+                    stacked = []
+                    break
                 if self.reference is None:
                     self.reference, first = scored, str(run.run_dir)
                 order = matched_rows(self.reference, scored, names=(first, str(run.run_dir)))
@@ -87,6 +91,13 @@ class Scores:
     @property
     def labels(self) -> np.ndarray:
         return self.reference.labels
+
+
+def test_logits(run) -> runs.ScoredRows | None:
+    """The run's test_logits.npz, None when it has none (a k-NN probe keeps no logits)."""
+    if not (Path(run.run_dir) / runs.TEST_LOGITS_FILE).is_file():
+        return None
+    return runs.load_test_logits(run.run_dir)
 
 
 def _seed_mean(fn: metrics.WeightedMetric) -> metrics.WeightedMetric:
@@ -113,8 +124,9 @@ def row_numbers(row: Row, *, num_classes: int, extract_s: float | None) -> dict:
         out[name] = _interval([getattr(r.summary, name) for r in ok])
     aurocs = []
     for r in ok:
-        scored = runs.load_test_logits(r.run_dir)
-        aurocs.append(metrics.auroc(scored.logits, scored.labels, num_classes))
+        scored = test_logits(r)
+        aurocs.append(r.summary.roc_auc if scored is None else metrics.auroc(scored.logits, scored.labels,
+                                                                             num_classes))
     out["auroc"] = _interval([np.nan if v is None else v for v in aurocs])
     out["training_time"] = _interval([r.summary.training_time for r in ok])
     train_s = float(sum(r.summary.training_time for r in row.runs))
@@ -201,8 +213,8 @@ def answer_lines(report: dict) -> list[str]:
     seeds = best["seeds"]
     lines = [f"Best row: {best['name']}: test accuracy {_mean_pm(best['test_acc'])} (mean ± 95 % interval over "
              f"{seeds} seed{'s' if seeds != 1 else ''}), cost {best['cost']['total_s']:.1f} s."]
-    close = [n for n in report["rows"] if n["versus_best"] and n["versus_best"]["accuracy"]["low"] is not None
-             and n["versus_best"]["accuracy"]["low"] <= 0 <= n["versus_best"]["accuracy"]["high"]]
+    compared = [n for n in report["rows"] if n["versus_best"] and n["versus_best"]["accuracy"]["low"] is not None]
+    close = [n for n in compared if n["versus_best"]["accuracy"]["low"] <= 0 <= n["versus_best"]["accuracy"]["high"]]
     if close:
         cheapest = min([best, *close], key=lambda n: n["cost"]["total_s"])
         lines.append(f"Not distinguishable from it on these {report['test_images']} test images (paired 95 % "
@@ -210,9 +222,12 @@ def answer_lines(report: dict) -> list[str]:
                      + "; ".join(f"{n['name']} {_diff(n['versus_best']['accuracy'])}" for n in close) + "."
                      + ("" if cheapest is best else f" Cheapest of them: {cheapest['name']} "
                                                     f"({cheapest['cost']['total_s']:.1f} s)."))
-    elif len(report["rows"]) > 1:
+    elif compared:
         lines.append(f"Every other row is worse on these {report['test_images']} test images (paired 95 % "
                      "intervals of the accuracy difference below 0).")
+    unpaired = [n["name"] for n in report["rows"] if n is not best and not n["versus_best"]]
+    if unpaired:
+        lines.append(f"Not paired with it (no per-image test scores): {', '.join(unpaired)}.")
     for d in report["frozen_vs_finetune"]:
         lines.append(f"{d['model']}: fine-tune minus frozen features ({d['frozen'].split(' ', 1)[1]}) accuracy "
                      f"{_diff(d['accuracy'])}, AUROC {_diff(d['auroc'])}; fine-tune better in "
