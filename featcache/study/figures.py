@@ -24,6 +24,7 @@ def val_curves(panels: Mapping[str, Mapping[str, Sequence[Sequence]]], path: str
     """panels: backbone -> row name -> one history (EpochRecords) per seed; two figure rows (val acc, val loss)."""
     import numpy as np
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     n = max(len(panels), 1)
     fig = Figure(figsize=(4.2 * n, 6.4), layout="constrained")
@@ -48,6 +49,7 @@ def val_curves(panels: Mapping[str, Mapping[str, Sequence[Sequence]]], path: str
         axes[0, col].legend(fontsize="small")
         for ax in axes[:, col]:
             ax.grid(alpha=0.3)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle("Validation curves (mean over seeds; band: lowest to highest seed)")
     return _save(fig, path)
 
@@ -74,6 +76,7 @@ def test_metric(rows: Sequence[Mapping], path: str | Path, *, metric: str = "tes
 def accuracy_cost(rows: Sequence[Mapping], path: str | Path) -> Path:
     """Test accuracy (mean ± interval) against each row's cost in wall seconds (log scale): accuracy per second."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
 
     fig = Figure(figsize=(7.0, 4.8), layout="constrained")
     ax = fig.subplots()
@@ -82,6 +85,10 @@ def accuracy_cost(rows: Sequence[Mapping], path: str | Path) -> Path:
         ax.errorbar(r["cost"]["total_s"], d["mean"], yerr=d["half_width"] or 0.0, fmt="o", capsize=3,
                     color=f"C{i % 10}", label=r["name"])
     ax.set_xscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="x", which="minor", labelsize="x-small")
     ax.set_xlabel("cost: wall seconds of the row (all seeds; a cached row includes its extraction)")
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)
