@@ -20,7 +20,8 @@ from featcache.study.report import (TABLE_HEADERS, TABLE_METRICS, Row, Scores, _
 FIGURE_CAPTIONS = {
     "curves": "Validation accuracy and loss per epoch: one panel per backbone, modes overlaid, band over seeds.",
     "test_accuracy": "Test accuracy per row with its 95 % interval over seeds (red: the best row).",
-    "accuracy_cost": "Test accuracy against the wall time of the row: which backbone buys the most accuracy per second.",
+    "accuracy_cost": "Test accuracy against the wall time of the row: which backbone buys the most accuracy per "
+                     "second.",
     "roc": "ROC curves on the test images (first seed of each row).",
 }
 
