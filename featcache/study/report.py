@@ -204,6 +204,14 @@ def _diff(d: dict | None) -> str:
     return f"{d['point']:+.3f}{interval}"
 
 
+def _wins(d: dict) -> str:
+    """'fine-tune better in 0.91, worse in 0.05 of resamples' (the rest ties)."""
+    if d["a_wins"] is None:
+        return "no resample defined"
+    worse = 1.0 - d["a_wins"] - d["ties"]
+    return f"fine-tune better in {d['a_wins']:.2f}, worse in {worse:.2f} of resamples (ties: the rest)"
+
+
 def answer_lines(report: dict) -> list[str]:
     """The answer in a few sentences: best row, rows not distinguishable from it, fine-tune vs frozen."""
     rows = {n["name"]: n for n in report["rows"]}
@@ -230,8 +238,7 @@ def answer_lines(report: dict) -> list[str]:
         lines.append(f"Not paired with it (no per-image test scores): {', '.join(unpaired)}.")
     for d in report["frozen_vs_finetune"]:
         lines.append(f"{d['model']}: fine-tune minus frozen features ({d['frozen'].split(' ', 1)[1]}) accuracy "
-                     f"{_diff(d['accuracy'])}, AUROC {_diff(d['auroc'])}; fine-tune better in "
-                     f"{_num(d['accuracy']['a_wins'], 2)} of resamples.")
+                     f"{_diff(d['accuracy'])}, AUROC {_diff(d['auroc'])}; {_wins(d['accuracy'])}.")
     return lines
 
 
