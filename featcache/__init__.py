@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from featcache.api import (compare, export, extract, finetune, finetune_seeds, load_features, load_model, predict, report,
                            run_demo, shift_check, train_grid, train_head, train_ridge)
+from featcache.api import run_study
 
 __all__ = ["extract", "load_features", "train_head", "train_grid", "train_ridge", "finetune", "finetune_seeds",
-           "report", "compare", "export", "load_model", "predict", "shift_check", "run_demo"]
+           "report", "compare", "export", "load_model", "predict", "shift_check", "run_demo", "run_study"]

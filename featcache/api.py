@@ -12,7 +12,7 @@ from dataclasses import fields
 from pathlib import Path
 
 __all__ = ["extract", "load_features", "train_head", "finetune", "report", "compare", "export", "load_model", "predict",
-           "train_grid", "train_ridge", "finetune_seeds", "shift_check", "run_demo"]
+           "train_grid", "train_ridge", "finetune_seeds", "shift_check", "run_demo", "run_study"]
 
 
 def config_from(cls, options: dict, **given):
@@ -212,20 +212,35 @@ def shift_check(*, cache: str | Path | None = None, between=None, split: str = "
 
 
 def run_demo(*, verbose: bool = False, **options):
-    """Run `featcache demo`: extract, head-train, the frozen loop, full fine-tune, report, export and predict.
+    """Run `featcache demo`: a small study on the demo data (extract, head-train, the frozen loop, fine-tune,
+    report.md/report.html), then export the best cached head and predict the demo test images.
 
-    Options: model, weights, image_size, epochs, finetune_epochs, lr, cache_dir, runs_dir (the keywords of
+    Options: models, image_size, epochs, finetune_epochs, lr, seeds, cache_dir, runs_dir (the keywords of
     featcache.demo_run.run_demo, with its defaults). verbose: print what the command prints. (Not named
-    `demo`: featcache.demo is the module of the demo dataset.) Returns a
-    DemoResult (.head, .frozen, .full runs, .figure, .model_path, .predicted_acc, .extract_s, .cached_s).
+    `demo`: featcache.demo is the module of the demo dataset.) Returns a DemoResult (.study, .head,
+    .model_path, .predicted_acc, .report_html).
     """
     from featcache.demo_run import run_demo as _run_demo
 
-    if not verbose:
-        return _run_demo(**options, progress=False, log=_quiet)
-    from featcache.reporting import print_summary
+    return _run_demo(**options, progress=verbose, log=print if verbose else _quiet)
 
-    return _run_demo(**options, progress=True, log=print, on_run=print_summary)
+
+def run_study(*, plan_file: str | Path | None = None, force: bool = False, report_only: bool = False,
+          verbose: bool = False, **options):
+    """Run `featcache study` (not named `study`: featcache.study is the package): the plan's runs not yet finished (cheap first), then the study's report.
+
+    Options are the fields of featcache.study.plan.StudyPlan (data, out, models, modes, solvers, seeds, epochs,
+    ...; lists as lists or tuples); plan_file: a plan TOML (options override its keys). verbose: print what
+    the command prints. Returns a StudyResult (.report = report.json's content, .report_html, .trained).
+    """
+    from featcache.study.plan import StudyPlan, plan_from
+    from featcache.study.runner import run_study as _run_study
+
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in _split_kwargs(StudyPlan, options).items()}
+    _reject_unknown(options)
+    plan = plan_from(given, plan_file=plan_file)
+    return _run_study(plan, force=force, report_only=report_only, progress=verbose,
+                      log=print if verbose else _quiet)
 
 
 def _reject_unknown(options: dict) -> None:

@@ -757,30 +757,98 @@ def shift(cache_file, between, split, folds, permutations, top, seed, json_path)
 
 
 @cli.command()
-@config_option(run_demo, "model", type=MODEL_CHOICE)
-@config_option(run_demo, "weights", metavar=WEIGHTS_METAVAR,
-               help="'none' needs no network; 'imagenet' downloads torchvision's weights once.")
+@config_option(run_demo, "models", type=CommaList(str), metavar="NAME@WEIGHTS,...",
+               show_default=",".join(default(run_demo, "models")),
+               help="Backbones of the demo study (pretrained offline, and random weights).")
 @config_option(run_demo, "image_size", type=IMAGE_SIZE,
                help="Crop size (the demo images are 64 px). " + IMAGE_SIZE_LIMIT)
 @config_option(run_demo, "epochs", type=POSITIVE_INT, help="Epochs of head-train and of the frozen loop.")
 @config_option(run_demo, "finetune_epochs", type=POSITIVE_INT, help="Epochs of the full fine-tune (slowest).")
-@config_option(run_demo, "lr", type=POSITIVE_FLOAT, help="Learning rate of all three trainings (SGD).")
+@config_option(run_demo, "lr", type=POSITIVE_FLOAT, help="Learning rate of every training (SGD).")
+@config_option(run_demo, "seeds", type=POSITIVE_INT, help="Seeds per row of the study.")
 @config_option(run_demo, "cache_dir")
 @config_option(run_demo, "runs_dir")
 def demo(**options):
-    """Run everything on the built-in demo dataset, no network needed.
+    """Run a small study on the built-in demo dataset, no network needed, then export and predict.
 
-    demo data -> extract -> head-train (JAX, cached) -> finetune --freeze-backbone (the classic
-    loop; same numbers) -> full finetune -> report -> export and predict.
+    demo data -> featcache study (extract, head-train on the cache, the classic frozen loop with the
+    same numbers, the full fine-tune; report.md and report.html in RUNS_DIR/demo-study) -> export the
+    best cached head and predict the demo test images.
 
     \b
     Example:
       featcache demo
-      featcache demo --model googlenet --epochs 10
+      featcache demo --models resnet18@none,squeezenet1_0@none --epochs 10 --image-size 32
     """
-    from featcache.reporting import print_summary
+    run_demo(**options, progress=True, log=click.echo)
 
-    run_demo(**options, progress=True, log=click.echo, on_run=print_summary)
+
+def _study_option(name: str, *decls: str, **kwargs):
+    """An option setting StudyPlan field `name`: None when not given (the plan file's value or the default stays)."""
+    from featcache.study.plan import StudyPlan
+
+    value = inspect.signature(StudyPlan).parameters[name].default
+    value = None if value is inspect.Parameter.empty else value
+    shown = ",".join(value) if isinstance(value, tuple) else value
+    return click.option(*(decls or (f"--{name.replace('_', '-')}",)), name, default=None,
+                        show_default=str(shown) if shown is not None else False, **kwargs)
+
+
+@cli.command()
+@click.argument("plan_file", required=False, type=click.Path(dir_okay=False, exists=True), metavar="[PLAN.toml]")
+@_study_option("data", metavar="DIR|CSV|demo", help="The dataset (as for extract).")
+@_study_option("out", type=click.Path(file_okay=False), help="The study folder (default: the plan file's folder).")
+@_study_option("models", type=CommaList(str), metavar="NAME[@WEIGHTS],...",
+               help="Backbones; NAME@WEIGHTS sets one model's weights (imagenet, none, a file).")
+@_study_option("modes", type=CommaList(str), metavar="head,frozen,finetune",
+               help="head: extract once + head-train; frozen: the classic frozen loop; finetune: full fine-tune.")
+@_study_option("solvers", type=CommaList(str), metavar="sgd,ridge,lbfgs,knn", help="Solvers of mode head.")
+@_study_option("seeds", type=POSITIVE_INT, help="Seeds per row (ridge, lbfgs, knn: one run, they have none).")
+@_study_option("seed", type=SEED, help="The first seed.")
+@_study_option("weights", metavar=WEIGHTS_METAVAR, help="Weights of every model without @WEIGHTS.")
+@_study_option("image_size", type=IMAGE_SIZE, metavar="N", help="Crop size (default: each model's native size).")
+@_study_option("epochs", type=POSITIVE_INT, help="Epochs of head-train and of the frozen loop.")
+@_study_option("finetune_epochs", type=POSITIVE_INT, help="Epochs of the fine-tunes (default: --epochs).")
+@_study_option("batch_size", type=POSITIVE_INT, help="Mini-batch size.")
+@_study_option("optimizer", type=click.Choice(["sgd", "adam", "adamw"]), help="Optimizer of every training.")
+@_study_option("lr", type=POSITIVE_FLOAT, help="Learning rate of every training.")
+@_study_option("momentum", type=NON_NEGATIVE_FLOAT, help="SGD momentum.")
+@_study_option("weight_decay", type=NON_NEGATIVE_FLOAT, help="Weight decay.")
+@_study_option("val_fraction", type=FRACTION, help="Carved val fraction (no ROOT/val).")
+@_study_option("test_fraction", type=FRACTION, help="Carved test fraction (no ROOT/test).")
+@_study_option("split_seed", type=SEED, help="Seed of the carved splits.")
+@_study_option("cache_dir", type=click.Path(file_okay=False), help="Folder of the feature caches (shared).")
+@_study_option("device", type=DEVICE_CHOICE, help="Device of extraction and the torch loops.")
+@_study_option("nproc", type=POSITIVE_INT, help="Processes of extract and finetune (torchrun).")
+@_study_option("num_workers", type=WORKERS, help="Decode workers of the torch steps.")
+@_study_option("bootstrap", type=POSITIVE_INT, help="Resamples of the report's paired comparisons.")
+@click.option("--force", is_flag=True, help="Start a study folder made by a different plan over.")
+@click.option("--list", "list_", is_flag=True, help="Print one featcache command per pending run; run nothing.")
+@click.option("--report-only", is_flag=True, help="Run nothing; report whatever finished.")
+@click.option("--quiet", is_flag=True, help="No live overview (one line per finished run).")
+def study(plan_file, force, list_, report_only, quiet, **options):
+    """Backbones x modes x seeds as one resumable study, then one report (report.md/.html/.csv/.json).
+
+    Cheap first (extractions and cached heads before the torch loops); finished runs are reused, a killed
+    study continues where it stopped, the plan is written to OUT/plan.toml.
+
+    \b
+    Example:
+      featcache study --data demo --models resnet18@none,squeezenet1_0@none --modes head,frozen,finetune \\
+        --seeds 2 --epochs 3 --image-size 32 --out studies/demo
+      featcache study studies/demo/plan.toml            # again: nothing trains, the report is rewritten
+      featcache study studies/demo/plan.toml --list     # one command per pending run (a Slurm array)
+      featcache study studies/demo/plan.toml --report-only
+    """
+    from featcache.study.plan import plan_from
+    from featcache.study.runner import list_commands, run_study
+
+    plan = plan_from(options, plan_file=plan_file)
+    if list_:
+        for line in list_commands(plan, force=force):
+            click.echo(line)
+        return
+    run_study(plan, force=force, report_only=report_only, progress=not quiet, log=click.echo)
 
 
 QUICK_BENCH_MODELS = ("resnet18",)  # bench --quick without --models

@@ -162,7 +162,7 @@ OPTION_SOURCES = {  # command: (config sources, the options that must be found i
     "bench": (["BenchConfig"], ["models", "data", "epochs", "image_size", "batch_size", "weights", "device",
                                 "repeat", "quick", "finetune", "scale_factors", "scale_epochs", "out", "work_dir",
                                 "precision"]),
-    "demo": (["run_demo"], ["model", "weights", "image_size", "epochs", "finetune_epochs", "lr", "cache_dir",
+    "demo": (["run_demo"], ["models", "image_size", "epochs", "finetune_epochs", "lr", "seeds", "cache_dir",
                             "runs_dir"]),
     # head-train: its options are rewritten on another branch (the seams-heads work); until that lands they are
     # literals in cli.py that happen to equal the configs' defaults. If only this case fails after a merge, the
@@ -211,10 +211,10 @@ def test_api_run_demo_passes_its_options_to_the_demo(monkeypatch):
 
     calls = []
     monkeypatch.setattr(demo_run, "run_demo", lambda **kwargs: calls.append(kwargs) or "result")
-    assert featcache.run_demo(model="googlenet", epochs=2) == "result"
+    assert featcache.run_demo(models=["googlenet@none"], epochs=2) == "result"
     (quiet,) = calls
-    assert (quiet["model"], quiet["epochs"], quiet["progress"]) == ("googlenet", 2, False)
+    assert (quiet["models"], quiet["epochs"], quiet["progress"]) == (["googlenet@none"], 2, False)
     quiet["log"]("not printed")
     calls.clear()
     featcache.run_demo(verbose=True, lr=0.1)
-    assert calls[0]["log"] is print and calls[0]["progress"] is True and calls[0]["on_run"] is not None
+    assert calls[0]["log"] is print and calls[0]["progress"] is True

@@ -167,21 +167,27 @@ def test_refuses_to_overwrite_a_foreign_folder(tmp_path):
 
 # ---------------------------------------------------------------- `featcache demo`, end to end
 
-DEMO_ARGS = ["--epochs", "2", "--finetune-epochs", "1", "--image-size", "32"]
+# the branch's DEMO_MODELS need the timm backbones; the test passes a torchvision model with random weights
+DEMO_ARGS = ["--models", "resnet18@none", "--epochs", "2", "--finetune-epochs", "1", "--image-size", "32"]
 DEMO_STEPS = [  # the lines that open each step, in order, as the command prints them
     "== demo dataset: {cache}/demo-data/demo-c2-s0-64px",
-    "== 1. extract resnet18 once (weights none, 32 px)",
-    "== 2. head-train on the cache (2 epochs, JAX)",
-    "== 3. the classic frozen loop: images through the backbone every epoch (2 epochs)",
-    "== 4. full fine-tune (1 epochs)",
-    "== 5. report",
-    "figure: {runs}/demo-comparison.png",
-    "== 6. export the best demo model (the head-train run) and predict the demo test images",
+    "== 1. the study: resnet18@none x cached head, frozen loop, fine-tune (2 epochs, fine-tune 1, 1 seed, 32 px)",
+    "== 2. export the best cached head (resnet18) and predict the demo test images",
 ]
 
 
-@pytest.mark.slow  # extract, a JAX head, two PyTorch loops, export and predict (320 images of 32 px)
-def test_demo_command_prints_every_step_and_agrees_with_its_runs(tmp_path):
+def test_the_demo_models_are_one_constant_the_command_shows():
+    from featcache import demo_run
+    from featcache.cli import cli
+
+    (option,) = [p for p in cli.commands["demo"].params if p.name == "models"]
+    assert option.default == demo_run.DEMO_MODELS and option.show_default == ",".join(demo_run.DEMO_MODELS)
+    assert len(demo_run.DEMO_MODELS) == 2 and {m.partition("@")[0] for m in demo_run.DEMO_MODELS} == {
+        "timm/tf_efficientnet_lite0"}  # pretrained (offline) and random weights: one backbone, two rows
+
+
+@pytest.mark.slow  # a study (extract, a JAX head, two PyTorch loops, the report), export and predict (32 px)
+def test_demo_command_runs_a_study_and_agrees_with_its_runs(tmp_path):
     import re
     import subprocess
     import sys
@@ -193,17 +199,19 @@ def test_demo_command_prints_every_step_and_agrees_with_its_runs(tmp_path):
                           "--runs-dir", str(runs_dir)], capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout + out.stderr
     lines = out.stdout.splitlines()
-    steps = [line for line in lines if line.startswith(("== ", "figure: "))]
-    assert steps == [s.format(cache=cache, runs=runs_dir) for s in DEMO_STEPS]
-    done = {runs.load_run(p).mode: runs.load_run(p) for p in runs_dir.iterdir() if p.is_dir()}
-    head, frozen = done["head"], done["frozen"]
+    steps = [line for line in lines if line.startswith("== ")]
+    assert steps == [s.format(cache=cache) for s in DEMO_STEPS]
+    study = runs_dir / "demo-study"
+    report = json.loads((study / "report.json").read_text())
+    assert [r["name"] for r in report["rows"]] == ["resnet18@none head sgd", "resnet18@none frozen",
+                                                   "resnet18@none finetune"]
+    done = {runs.load_run(p).mode: runs.load_run(p) for p in study.glob("runs/*/*") if runs.is_finished(p)}
     assert sorted(done) == ["finetune", "frozen", "head"]
     assert [len(done[m].history) for m in ("head", "frozen", "finetune")] == [2, 2, 1]
-    (cached,) = [line for line in lines if line.startswith("cached frozen mode: extract ")]
-    assert cached.endswith(f"same test acc: {head.summary.test_acc:.4f} vs {frozen.summary.test_acc:.4f}")
+    head, frozen = done["head"], done["frozen"]
     assert head.summary.test_acc == pytest.approx(frozen.summary.test_acc, abs=1e-9)  # the parity the demo shows
+    assert any(line.startswith("Best row: ") for line in lines) and (study / "report.html").is_file()
     (predicted,) = [line for line in lines if line.startswith("predicted ")]
     assert re.fullmatch(rf"predicted 60 test images with {runs_dir}/demo-model\.pt: accuracy (\S+); the run's "
                         rf"test accuracy {head.summary.test_acc:.4f} \(agree\)", predicted), predicted
-    assert (runs_dir / "demo-comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len([line for line in lines if re.fullmatch(r"  \S+\.png: (normal|abnormal) \(p=0\.\d{3}\)", line)]) == 3
