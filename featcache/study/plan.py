@@ -13,6 +13,7 @@ import re
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Sequence
 
 from featcache.errors import UserError
 
@@ -107,7 +108,7 @@ def check_plan(plan: StudyPlan) -> list[tuple[str, str]]:
     _check_solvers(plan)
     models = [split_model(m, plan.weights) for m in plan.models]
     for name, weights in models:
-        _check_model(name, weights, plan.image_size)
+        _check_model(name, weights, plan.image_size, plan.modes)
     if len(set(models)) != len(models):
         raise UserError("A model appears twice in --models; list each NAME@WEIGHTS once.")
     return models
@@ -127,11 +128,19 @@ def _check_solvers(plan: StudyPlan) -> None:
         check_combination(solver=solver, grid=False, stream=None, l2s=None)
 
 
-def _check_model(name: str, weights: str, image_size: int | None) -> None:
-    """The backbone exists (the registry's own lookup and message) and takes the crop size."""
-    from featcache.backbones import get_spec
+def _check_model(name: str, weights: str, image_size: int | None, modes: Sequence[str]) -> None:
+    """The backbone exists (the registry's own lookup and message), can run every mode of the plan (a backbone
+    file is frozen only) and, for a torchvision model, takes the crop size."""
+    from featcache import backbones
 
-    spec = get_spec(name)
+    if not weights:
+        raise UserError(f"Model {name} has empty weights; write NAME@imagenet, NAME@none or NAME@PATH.")
+    backbones.check_model(name)
+    if "finetune" in modes:
+        backbones.check_finetunable(name, frozen=False)
+    if backbones.source_of(name) is not backbones.torchvision_source:
+        return  # timm and files: their own transform decides the crop
+    spec = backbones.get_spec(name)
     min_size, fixed = getattr(spec, "min_size", 1), getattr(spec, "fixed_size", False)
     native = getattr(spec, "input_size", None)
     if image_size is not None and fixed and image_size != native:
@@ -140,8 +149,6 @@ def _check_model(name: str, weights: str, image_size: int | None) -> None:
     if image_size is not None and image_size < min_size:
         raise UserError(f"{name} needs images of at least {min_size} px, not --image-size {image_size}; raise "
                         f"--image-size or drop {name} from --models.")
-    if not weights:
-        raise UserError(f"Model {name} has empty weights; write NAME@imagenet, NAME@none or NAME@PATH.")
 
 
 def expand(plan: StudyPlan) -> list[RunSpec]:
