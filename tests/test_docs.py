@@ -20,10 +20,12 @@ import io
 import os
 import re
 import selectors
+import shutil
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import traceback
@@ -173,7 +175,8 @@ class Shell:
         shim = bin_dir / "featcache"
         shim.write_text(f"#!{sys.executable} -S\n{CLIENT}")
         shim.chmod(0o755)
-        self.socket_path = str(folder.parent / f"{folder.name}.sock")
+        self.socket_dir = tempfile.mkdtemp(prefix="fcdocs-")  # short: a Unix socket path holds at most 107 bytes
+        self.socket_path = os.path.join(self.socket_dir, "featcache.sock")
         self.server = socket.socket(socket.AF_UNIX)
         self.server.bind(self.socket_path)
         self.server.listen()
@@ -184,9 +187,9 @@ class Shell:
 
     def run(self, script: str, first_line: int = 0) -> tuple[int, str]:
         """Run `script` with bash -e in the folder, tracing each command with its page line; code and output."""
-        # PS4 is set in the script (bash ignores it in the environment when run as root); it takes line 1
-        script = f"PS4='+ [line $((LINENO + {first_line - 1}))] '\n{script}"
-        proc = subprocess.Popen(["bash", "-e", "-x", "-o", "pipefail", "-c", script], cwd=self.folder, env=self.env,
+        # PS4 is set in the script (bash ignores it in the environment when run as root): lines 1-2
+        script = f"PS4='+ [line $((LINENO + {first_line - 2}))] '\nset -x\n{script}"
+        proc = subprocess.Popen(["bash", "-e", "-o", "pipefail", "-c", script], cwd=self.folder, env=self.env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         chunks: list[bytes] = []
         selector = selectors.DefaultSelector()
@@ -226,7 +229,7 @@ class Shell:
 
     def close(self) -> None:
         self.server.close()
-        os.unlink(self.socket_path)
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
 
 
 def run_python(block: Block, folder: Path) -> tuple[int, str]:
@@ -309,3 +312,20 @@ def test_every_command_block_runs(tmp_path_factory, capsys):
             print(f"\ndocs blocks ({shell.calls} featcache calls in-process):")
             for where, what in timings:
                 print(f"  {where:32s} {what}")
+
+
+def test_shell_runs_featcache_in_process_and_names_the_failing_line(tmp_path):
+    """`featcache` in a bash block is answered by this process; a failure names the page line and command."""
+    folder = tmp_path / "scratch"
+    folder.mkdir()
+    shell = Shell(folder)
+    try:
+        code, output = shell.run("featcache --version | grep -c featcache\n", first_line=10)
+        assert (code, output.splitlines()[-1], shell.calls) == (0, "1", 1), output
+        code, output = shell.run("featcache models > models.txt\nfeatcache head-train --epochs 0\necho not reached\n",
+                                 first_line=20)
+    finally:
+        shell.close()
+    assert code == 2 and "not reached" not in output, output
+    assert "+ [line 22] featcache head-train --epochs 0" in output, output  # fence at 20: commands at 21, 22
+    assert "Error: " in output and "resnet18" in (folder / "models.txt").read_text()
