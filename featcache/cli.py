@@ -95,9 +95,13 @@ def cli():
     \b
     Quick start (no network needed):
       featcache demo
-    Your own data (ROOT/{train,val,test}/<class>/<image>):
-      featcache extract --model resnet18 --data ROOT
-      featcache head-train --model resnet18 --data ROOT
+    Your own data (ROOT/{train,val,test}/<class>/<image>); --weights none needs no network,
+    leave it out for the ImageNet weights (downloaded once):
+      featcache extract --model resnet18 --data ROOT --weights none
+      featcache head-train --model resnet18 --data ROOT --weights none
+      featcache finetune --model resnet18 --data ROOT --weights none
+      featcache report runs
+    Documentation: README.md and docs/ in the source tree.
     """
 
 
