@@ -20,7 +20,7 @@ Log = Callable[[str], None]
 # The demo's backbones: a pretrained one that needs no network, and the same network with random weights.
 DEMO_MODELS = ("timm/tf_efficientnet_lite0@lite0-package", "timm/tf_efficientnet_lite0@none")
 STUDY_FOLDER = "demo-study"  # in runs_dir: the study (runs, report.md, report.html, figures/)
-MODEL_FILE = "demo-model.pt"  # in runs_dir: the best cached head, exported
+MODEL_FILE = "demo-model.pt2"  # in runs_dir: the best cached head, exported
 SHOWN_PREDICTIONS = 3  # test images whose prediction is printed
 
 
@@ -30,7 +30,7 @@ class DemoResult:
 
     study: StudyResult  # .report (report.json's content), .report_md, .report_html
     head: RunResult  # the best cached head (first seed): the run exported
-    model_path: Path  # that run exported as one TorchScript module
+    model_path: Path  # that run exported as one torch.export program
     predicted_acc: float  # accuracy of that module's predictions on the demo test images
 
     @property

@@ -439,8 +439,8 @@ def _write_exported(module: ExportedClassifier, meta: dict, path: Path) -> None:
     """torch.export of `module` with a dynamic batch dimension, the metadata as the extra file featcache.json."""
     example = torch.zeros(2, 3, meta["input_size"], meta["input_size"])
     try:
-        program = torch.export.export(module.eval(), (example,),
-                                      dynamic_shapes=({0: torch.export.Dim("batch")},))
+        program = torch.export.export(module.eval(), (example,), dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                      preserve_module_call_signature=SPLIT)  # load_model splits it again
     except Exception as exc:  # an operation torch.export cannot capture (TorchScript inside, data-dependent code)
         raise UserError(f"torch.export could not capture {meta['model']} ({_first_line(exc)}); export with "
                         "--format torchscript or --format state-dict.") from exc
@@ -501,7 +501,7 @@ def _load_program(path: Path, *, torchscript: bool) -> tuple[nn.Module, dict]:
                 module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
             else:
                 with open(path, "rb") as f:  # a file object: any file name (torch warns about a path not .pt2)
-                    module = wrap_program(torch.export.load(f, extra_files=extra).module())
+                    module = _exported_module(torch.export.load(f, extra_files=extra))
     except Exception as exc:
         raise UserError(f"{path} is a corrupt {kind} file ({_first_line(exc)}); export it again.") from exc
     if not extra[META_FILE]:
@@ -509,6 +509,32 @@ def _load_program(path: Path, *, torchscript: bool) -> tuple[nn.Module, dict]:
     meta = json.loads(extra[META_FILE])
     _check_format(path, meta)
     return module, meta
+
+
+SPLIT = ("backbone", "head")  # the submodules whose call signature an exported program keeps
+
+
+def _exported_module(program) -> nn.Module:
+    """A loaded torch.export program as a module: `.backbone` then `.head` when the program kept their call
+    signatures (featcache's own exports), so predict and the export check run the backbone as extract did
+    (precision.features) and the head in float32; else the whole program as one module."""
+    if not set(SPLIT) <= {entry.fqn for entry in program.module_call_graph}:
+        return wrap_program(program.module())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # unflatten's notes about constants it re-attaches
+        unflat = torch.export.unflatten(program)
+    return _SplitProgram(wrap_program(unflat.backbone), wrap_program(unflat.head))
+
+
+class _SplitProgram(nn.Module):
+    """An exported classifier as its two programs: images -> backbone -> features (N, D) -> head -> logits."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))
 
 
 def _load_state_dict_file(path: Path) -> tuple[nn.Module, dict]:

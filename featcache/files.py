@@ -86,3 +86,11 @@ def fsync_dir(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def model_file_part(model: str) -> str:
+    """`--model` as part of a file name (cache files, run directories): a backbone file by its file name,
+    `timm/<name>` as `timm-<name>`, every other character outside [A-Za-z0-9_.-] as `-`."""
+    if not model.startswith("timm/") and (os.sep in model or "/" in model):
+        model = os.path.basename(model.rstrip("/" + os.sep)) or model
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in model) or "model"

@@ -20,7 +20,6 @@ import io
 import json
 import math
 import os
-import re
 import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -31,7 +30,7 @@ import numpy as np
 
 from featcache.config import TrainConfig
 from featcache.errors import UserError
-from featcache.files import NOT_WRITABLE, atomic_write_bytes, not_writable
+from featcache.files import NOT_WRITABLE, atomic_write_bytes, model_file_part, not_writable
 from featcache.metrics import EpochRecord, RunSummary
 
 MODES = ("head", "finetune", "frozen")
@@ -106,7 +105,7 @@ def _make_run_dir(parent: Path, *, mode: str, model: str, name: str | None) -> P
         except FileExistsError:
             raise UserError(f"Run directory {run_dir} already exists; choose another run name.") from None
         return run_dir
-    safe_model = re.sub(r"[^A-Za-z0-9_.+-]", "_", model) or "model"
+    safe_model = model_file_part(model)
     base = f"{datetime.now():%Y%m%d-%H%M%S}-{mode}-{safe_model}"
     for i in range(1, 10_000):
         run_dir = parent / (base if i == 1 else f"{base}-{i}")

@@ -71,7 +71,7 @@ def test_extract_gives_the_files_own_output_with_its_transform(work, data, suffi
     path = work / f"tiny{suffix}"
     write(path, TinyNet(), PREPROCESSING)
     result = invoke("extract", "--model", path, "--data", data, "--cache-dir", work / "cache", "--num-workers", 0,
-                    "--quiet")
+                    "--precision", "fp32", "--quiet")
     assert result.exit_code == 0, result.output
     (cache,) = (work / "cache").rglob(f"tiny{suffix}-backbone-file-*.h5")
     meta = read_meta(cache)

@@ -185,7 +185,7 @@ def test_imagenet_weights_offline_and_not_cached_is_one_sentence(tmp_path, monke
 
 def test_extract_timm_features_equal_the_pre_logits_and_a_hit_imports_neither_torch_nor_timm(tmp_path):
     data = make_demo_dataset(tmp_path / "d", num_classes=2, n_per_class=(3, 2, 2), image_size=SIZE)
-    args = ["extract", "--model", "timm/resnet18", "--data", data, "--weights", "none", "--image-size", SIZE,
+    args = ["extract", "--model", "timm/resnet18", "--data", data, "--weights", "none", "--image-size", SIZE, "--precision", "fp32",
             "--cache-dir", tmp_path / "cache", "--num-workers", "0", "--quiet"]
     result = invoke(*args)
     assert result.exit_code == 0, result.output

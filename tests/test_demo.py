@@ -212,6 +212,6 @@ def test_demo_command_runs_a_study_and_agrees_with_its_runs(tmp_path):
     assert head.summary.test_acc == pytest.approx(frozen.summary.test_acc, abs=1e-9)  # the parity the demo shows
     assert any(line.startswith("Best row: ") for line in lines) and (study / "report.html").is_file()
     (predicted,) = [line for line in lines if line.startswith("predicted ")]
-    assert re.fullmatch(rf"predicted 60 test images with {runs_dir}/demo-model\.pt: accuracy (\S+); the run's "
+    assert re.fullmatch(rf"predicted 60 test images with {runs_dir}/demo-model\.pt2: accuracy (\S+); the run's "
                         rf"test accuracy {head.summary.test_acc:.4f} \(agree\)", predicted), predicted
     assert len([line for line in lines if re.fullmatch(r"  \S+\.png: (normal|abnormal) \(p=0\.\d{3}\)", line)]) == 3

@@ -36,6 +36,7 @@ import h5py
 import numpy as np
 
 from featcache.errors import CacheError, UserError
+from featcache.files import model_file_part
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # format 1: written before checksums, read unchecked
@@ -86,8 +87,7 @@ def cache_path(cache_dir: str | Path, *, dataset_name: str, model: str, weights:
     A model that is a path (a backbone file) is named by its file name; `timm/<name>` becomes `timm-<name>`.
     """
     safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in weights)
-    model = Path(model).name if Path(model).is_absolute() else model
-    safe_model = "".join(c if c.isalnum() or c in "-_." else "-" for c in model)
+    safe_model = model_file_part(model)
     return Path(cache_dir) / dataset_name / f"{safe_model}-{safe}-{key[:12]}.h5"
 
 
