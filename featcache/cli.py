@@ -472,7 +472,8 @@ def cache_verify(file):
 
     \b
     Example:
-      featcache cache verify cache/demo-c2-s0-64px/resnet18-none-0123456789ab.h5
+      featcache cache ls                       # the cache files, with their paths
+      featcache cache verify FILE              # one of them
     """
     from featcache.cache import verify_cache
     from featcache.errors import EXIT_BAD_CACHE
@@ -550,7 +551,6 @@ def head_train(cache_file, model, data, val_fraction, test_fraction, split_seed,
 
     \b
     Example:
-      featcache head-train --cache cache/demo-c2-s0-64px/resnet18-none-0123456789ab.h5
       featcache head-train --model resnet18 --data demo --weights none --image-size 64 --epochs 30
       featcache head-train --cache FILE --lr 1e-4,1e-3,1e-2 --weight-decay 0,1e-4,1e-3 --seeds 5
       featcache head-train --cache FILE --solver ridge --standardize
@@ -749,8 +749,8 @@ def shift(cache_file, between, split, folds, permutations, top, seed, json_path)
 
     \b
     Example:
-      featcache shift --cache cache/demo-c2-s0-64px/resnet18-none-0123456789ab.h5
-      featcache shift --between cache/siteA/resnet18-imagenet-aaa.h5 cache/siteB/resnet18-imagenet-bbb.h5
+      featcache shift --cache FILE             # a cache of featcache cache ls
+      featcache shift --between SITE_A.h5 SITE_B.h5
     """
     from featcache.api import shift_check
     from featcache.shift import print_report

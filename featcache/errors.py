@@ -55,7 +55,10 @@ class NoSpaceError(UserError):
 
     def __init__(self, path, reason: str, advice: str):
         super().__init__(f"Out of disk space writing {path} ({reason}); {advice}")
-        self.path, self.reason = str(path), reason
+        self.path, self.reason, self.advice = str(path), reason, advice
+
+    def __reduce__(self):  # pickled whole: the figure worker sends it from its child process
+        return type(self), (self.path, self.reason, self.advice)
 
 
 class TerminatedError(UserError):

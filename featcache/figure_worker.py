@@ -76,8 +76,7 @@ class FigureWorker:
         process.stderr.close()
         process.wait()
         if process.returncode != 0:
-            lines = err.decode(errors="replace").strip().splitlines()
-            raise RuntimeError(f"drawing the run's figures failed: {lines[-1] if lines else process.returncode}")
+            raise _child_error(err, process.returncode)
 
     def close(self) -> None:
         """End the child without waiting for figures (the run failed before it had any to draw)."""
@@ -112,7 +111,32 @@ def _serve(stream) -> None:
 
     while header := stream.read(8):
         draw, args, kwargs = pickle.loads(stream.read(int.from_bytes(header, "little")))
-        draw(*args, **kwargs)
+        try:
+            draw(*args, **kwargs)
+        except Exception as exc:  # sent to the parent, which raises it as if it had drawn the figure itself
+            try:
+                payload = pickle.dumps(exc)
+            except Exception:
+                raise exc from None
+            sys.stderr.buffer.write(ERROR_MARK + payload.hex().encode() + b"\n")
+            sys.stderr.flush()
+            sys.exit(1)
+
+
+ERROR_MARK = b"featcache-figure-error:"  # the child's last stderr line: its exception, pickled, in hex
+
+
+def _child_error(err: bytes, returncode: int) -> BaseException:
+    """The exception the child raised (a NoSpaceError stays one, so the CLI gives its exit code and message);
+    a RuntimeError with its last stderr line when it died otherwise."""
+    lines = err.strip().splitlines()
+    if lines and lines[-1].startswith(ERROR_MARK):
+        try:
+            return pickle.loads(bytes.fromhex(lines[-1][len(ERROR_MARK):].decode()))
+        except Exception:
+            pass
+    last = lines[-1].decode(errors="replace") if lines else returncode
+    return RuntimeError(f"drawing the run's figures failed: {last}")
 
 
 if __name__ == "__main__":

@@ -167,7 +167,9 @@ def test_frozen_loop_leaves_backbone_and_batchnorm_statistics_untouched(parity_r
     _, frozen = parity_runs("resnet18-2c-sgd")
     ckpt = torch.load(frozen.run_dir / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == EPOCHS and ckpt["freeze_backbone"] is True
-    saved = {k.removeprefix("backbone."): v for k, v in ckpt["state_dict"].items() if k.startswith("backbone.")}
+    assert not any(k.startswith("backbone.") for k in ckpt["state_dict"])  # last.pt: the trained head only
+    best = torch.load(frozen.run_dir / "best.pt", map_location="cpu", weights_only=True)  # the whole network
+    saved = {k.removeprefix("backbone."): v for k, v in best["state_dict"].items() if k.startswith("backbone.")}
     fresh = build_backbone("resnet18", weights="none", image_size=SIZE).net.state_dict()
     assert saved.keys() == fresh.keys()
     stats = [k for k in fresh if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]

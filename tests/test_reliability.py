@@ -590,7 +590,7 @@ def test_resume_refuses_a_dataset_changed_since_the_run_started(clean, tmp_path)
     ("finetune", ["--epochs", "-1"], ["--epochs", "-1 is not in the range x>=1"]),
     ("finetune", ["--epochs", "0"], ["--epochs", "x>=1"]),
     ("finetune", ["--batch-size", "0"], ["--batch-size", "0 is not in the range x>=1"]),
-    ("finetune", ["--model", "resnet19"], ["--model", "'resnet19' is not one of"]),
+    ("finetune", ["--model", "resnet19"], ["--model", "Unknown model 'resnet19'; did you mean resnet18"]),
     ("finetune", ["--optimizer", "rmsprop"], ["--optimizer", "'rmsprop' is not one of 'sgd', 'adam', 'adamw'"]),
     ("finetune", ["--lr", "0"], ["--lr", "0.0 is not in the range x>0"]),
     ("finetune", ["--lr", "-1e-3"], ["--lr", "x>0"]),
@@ -628,7 +628,7 @@ def test_a_full_disk_while_writing_curves_png_exits_6_with_one_line(small_disk, 
     path = _synthetic_cache(tmp_path / "m.h5")
     runs_dir = folder / "runs"
     args = ["head-train", "--cache", path, "--epochs", 3, "--runs-dir", runs_dir, "--run-name", "r"]
-    exhaust(20_000)  # head.npz (~1.5 kB) and history.csv fit; curves.png (~60 kB) does not
+    exhaust(20_000)  # head.npz, history.csv and test_logits.npz fit; curves.png (~60 kB) does not
     try:
         error = _one_error_line(_invoke(*args), 6)
     finally:
@@ -638,4 +638,5 @@ def test_a_full_disk_while_writing_curves_png_exits_6_with_one_line(small_disk, 
                         r"\((No space left on device|File too large)\); free space in "
                         rf"{re.escape(str(run_dir))} and run the command again \(any earlier curves\.png is "
                         r"unchanged\)\.", error), error
-    assert sorted(p.name for p in run_dir.iterdir()) == ["head.npz", "history.csv"]  # no temporary file, unfinished
+    assert sorted(p.name for p in run_dir.iterdir()) == ["head.npz", "history.csv", "test_logits.npz"]
+    # no temporary file, unfinished

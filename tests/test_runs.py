@@ -100,10 +100,12 @@ def test_diverged_run_is_strict_json(tmp_path):
 
 
 def test_run_dir_names(tmp_path):
-    a = runs.new_run_dir(runs_dir=tmp_path, mode="head", model="vit/b 16")
-    b = runs.new_run_dir(runs_dir=tmp_path, mode="head", model="vit/b 16")
+    a = runs.new_run_dir(runs_dir=tmp_path, mode="head", model="timm/vit_small_patch14_dinov2.lvd142m")
+    b = runs.new_run_dir(runs_dir=tmp_path, mode="head", model="timm/vit_small_patch14_dinov2.lvd142m")
     assert a != b and a.parent == b.parent == tmp_path
-    assert a.name.endswith("-head-vit_b_16")
+    assert a.name.endswith("-head-timm-vit_small_patch14_dinov2.lvd142m") and b.name.endswith(".lvd142m-2")
+    file_run = runs.new_run_dir(runs_dir=tmp_path, mode="frozen", model="/data/models/my backbone.pt2")
+    assert file_run.name.endswith("-frozen-my-backbone.pt2")  # a backbone file by its file name, not its path
     named = runs.new_run_dir(runs_dir=tmp_path, mode="finetune", model="x", name="mine")
     assert named == tmp_path / "mine"
     with pytest.raises(UserError, match="already exists"):
