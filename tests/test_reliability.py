@@ -638,5 +638,5 @@ def test_a_full_disk_while_writing_curves_png_exits_6_with_one_line(small_disk, 
                         r"\((No space left on device|File too large)\); free space in "
                         rf"{re.escape(str(run_dir))} and run the command again \(any earlier curves\.png is "
                         r"unchanged\)\.", error), error
+    # no temporary file, unfinished (no metrics.json)
     assert sorted(p.name for p in run_dir.iterdir()) == ["head.npz", "history.csv", "test_logits.npz"]
-    # no temporary file, unfinished
