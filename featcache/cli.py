@@ -536,8 +536,9 @@ from featcache.head_runs import DEFAULT_SOLVER, SOLVER_ALIASES, SOLVERS  # noqa:
                    f"[default: {DEFAULT_STREAM_MEMORY_MIB}, or a quarter of the memory available when less]")
 @click.option("--run-name", default=None, help="Run directory name (default <time>-head-<model>).")
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr; the summary (and any warning) still prints.")
+@precision_option(ExtractConfig)
 def head_train(cache_file, model, data, val_fraction, test_fraction, split_seed, group_by, weights, image_size, dtype,
-               cache_dir, seeds, solver, l2s, cs, ks, temperature, shots, draws, standardize, stream, stream_memory,
+               precision, cache_dir, seeds, solver, l2s, cs, ks, temperature, shots, draws, standardize, stream, stream_memory,
                run_name, quiet, **kwargs):
     """Train the linear head in JAX on cached features: all epochs in one compiled program.
 
@@ -571,7 +572,8 @@ def head_train(cache_file, model, data, val_fraction, test_fraction, split_seed,
                                                          test_fraction=test_fraction, split_seed=split_seed,
                                                          group_by=group_by,
                                                          verify_content=verify_content),
-                                 weights=weights, image_size=image_size, dtype=dtype, cache_dir=cache_dir)
+                                 weights=weights, image_size=image_size, dtype=dtype, cache_dir=cache_dir,
+                                 precision=precision)
     result = run_head_train(cache=cache_file, config=config, solver=solver, lrs=lrs, weight_decays=weight_decays,
                             seeds=seeds, l2s=l2s, cs=cs, ks=ks, temperature=temperature, shots=shots, draws=draws,
                             stream=stream, stream_memory_mib=stream_memory, run_name=run_name, progress=not quiet)
@@ -581,19 +583,20 @@ def head_train(cache_file, model, data, val_fraction, test_fraction, split_seed,
         raise DivergedError(diverged_message(result))
 
 
-def _find_cache(model, data, data_config, *, weights, image_size, dtype, cache_dir) -> str:
-    """The cache file of (model, data, weights, ...) by key, or a UserError saying how to create it."""
+def _find_cache(model, data, data_config, *, weights, image_size, dtype, cache_dir, precision="auto") -> str:
+    """The cache file of (model, data, weights, ..., precision) by key, or a UserError saying how to create it."""
     from featcache.extraction import find_cache
 
     if not model or not data:
         raise UserError("Give --cache FILE, or --model and --data to find the cache by key.")
     config = ExtractConfig(model=model, data=data_config, weights=weights, image_size=image_size,
-                           dtype=dtype, cache_dir=cache_dir)
+                           dtype=dtype, cache_dir=cache_dir, precision=precision)
     path = find_cache(config)
     if path is None:
         cmd = f"featcache extract --model {model} --data {data} --weights {weights}"
         cmd += f" --image-size {image_size}" if image_size else ""
         cmd += f" --dtype {dtype}" if dtype != "float32" else ""
+        cmd += f" --precision {precision}" if precision != "auto" else ""
         cmd += f" --cache-dir {cache_dir}" if cache_dir != "cache" else ""
         raise UserError(f"No cache of {model} on {data} with these settings in {cache_dir}; create it with: {cmd}")
     return str(path)
@@ -765,7 +768,8 @@ def shift(cache_file, between, split, folds, permutations, top, seed, json_path)
                show_default=",".join(default(run_demo, "models")),
                help="Backbones of the demo study (pretrained offline, and random weights).")
 @config_option(run_demo, "image_size", type=IMAGE_SIZE,
-               help="Crop size (the demo images are 64 px). " + IMAGE_SIZE_LIMIT)
+               help="Crop size (the 64 px demo images are resized to it; ImageNet features want more than 64 px). "
+                    + IMAGE_SIZE_LIMIT)
 @config_option(run_demo, "epochs", type=POSITIVE_INT, help="Epochs of head-train and of the frozen loop.")
 @config_option(run_demo, "finetune_epochs", type=POSITIVE_INT, help="Epochs of the full fine-tune (slowest).")
 @config_option(run_demo, "lr", type=POSITIVE_FLOAT, help="Learning rate of every training (SGD).")

@@ -38,7 +38,7 @@ class DemoResult:
         return self.study.report_html
 
 
-def run_demo(*, models: Sequence[str] = DEMO_MODELS, image_size: int = 64, epochs: int = 30,
+def run_demo(*, models: Sequence[str] = DEMO_MODELS, image_size: int = 96, epochs: int = 30,
              finetune_epochs: int = 3, lr: float = 0.01, seeds: int = 1, cache_dir: str = "cache",
              runs_dir: str = "runs", progress: bool = True, log: Log = print) -> DemoResult:
     """Run the demo study on the built-in dataset (rendered once under cache_dir; no network), export, predict.

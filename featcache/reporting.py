@@ -218,6 +218,7 @@ def collect_runs(paths, *, note: Callable[[str], object] | None = None) -> list:
     """
     from featcache.errors import UserError
     from featcache.runs import RunResult, is_finished, load_run
+    from featcache.study.plan import PLAN_FILE
 
     note = note or (lambda message: print(message, file=sys.stderr, flush=True))
     loaded, ignored = [], []
@@ -233,6 +234,9 @@ def collect_runs(paths, *, note: Callable[[str], object] | None = None) -> list:
                 loaded.append(_checked(load_run(candidate)))  # a missing path: load_run's UserError
             elif candidate.is_file():
                 ignored.append(candidate)
+            elif (candidate / PLAN_FILE).is_file():
+                note(f"Skipping {candidate}: a study folder; read its {candidate / 'report.md'}, or pass "
+                     f"{candidate / 'runs'}/*/* to lay its runs out here.")
             else:
                 note(f"Skipping {candidate}: an unfinished run (no metrics.json: still running, or stopped).")
     if ignored:
