@@ -24,6 +24,19 @@ def _figure(ncols: int, width: float = 11.0, height: float = 4.2):
     return fig, fig.subplots(1, ncols)
 
 
+def _fixed_figure(ncols: int, width: float, height: float, *, title: str, suptitle: bool):
+    """A figure with fixed margins, for the figures every run draws (curves, ROC, calibration): without a layout
+    engine a figure draws in about half the time (0.23 against 0.5 s for curves.png here). The top margin
+    makes room for the title's lines (as suptitle above the axes' own titles, or as the axes' title)."""
+    from matplotlib.figure import Figure
+
+    lines = title.count("\n") + 1 + (1 if suptitle else 0)  # + the axes' one-line titles under a suptitle
+    fig = Figure(figsize=(width, height))
+    fig.subplots_adjust(left=0.8 / width, right=1.0 - 0.25 / width, bottom=0.6 / height,
+                        top=1.0 - (0.2 + 0.25 * lines) / height, wspace=0.25)
+    return fig, fig.subplots(1, ncols)
+
+
 def _save(fig, path: str | Path) -> None:
     """Save as PNG through files.atomic_write: a half-drawn figure never has the final name, a full disk is
     a NoSpaceError (exit 6) and a read-only folder a one-sentence UserError."""
@@ -59,7 +72,7 @@ def plot_curves(history: Sequence[EpochRecord], path: str | Path, title: str, *,
             a dashed line on the accuracy panel; None = no line.
     """
     epochs = [r.epoch for r in history]
-    fig, (ax_acc, ax_loss) = _figure(2)
+    fig, (ax_acc, ax_loss) = _fixed_figure(2, 11.0, 4.2, title=title, suptitle=True)
     for ax, key, name in ((ax_acc, "acc", "Accuracy"), (ax_loss, "loss", "Loss")):
         ax.plot(epochs, [getattr(r, f"train_{key}") for r in history], "o-", ms=3, label=f"train {key}")
         ax.plot(epochs, [getattr(r, f"val_{key}") for r in history], "s-", ms=3, label=f"val {key}")
@@ -196,7 +209,7 @@ def plot_roc(curves: Mapping[str, tuple], path: str | Path, title: str, *, num_c
 
     from featcache import metrics
 
-    fig, ax = _figure(1, width=6.0, height=5.5)
+    fig, ax = _fixed_figure(1, 6.0, 5.5, title=title, suptitle=False)
     for label, (logits, labels) in curves.items():
         y = np.asarray(labels).reshape(-1)
         if num_classes == 2:
@@ -236,7 +249,7 @@ def plot_calibration(logits, labels, path: str | Path, title: str, *, num_classe
     from featcache import metrics
 
     x, y = metrics.as_logits(logits, num_classes), np.asarray(labels).reshape(-1)
-    fig, ax = _figure(1, width=6.0, height=5.5)
+    fig, ax = _fixed_figure(1, 6.0, 5.5, title=title, suptitle=False)
     edges = np.linspace(0.0, 1.0, bins + 1)
     for name, scaled in (("before", x), ("after temperature", None if temperature is None else x / temperature)):
         if scaled is None or len(y) == 0 or not np.isfinite(scaled).all():

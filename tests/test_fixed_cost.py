@@ -5,6 +5,7 @@ and train seconds named apart in the run."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -82,12 +83,19 @@ def test_worker_draws_in_the_child_what_pickles_and_here_what_does_not(tmp_path)
     assert (tmp_path / "child.png").read_bytes()[:8] == (tmp_path / "here.png").read_bytes()[:8] == PNG_MAGIC
 
 
-def test_a_figure_that_fails_in_the_child_fails_the_run_at_wait(tmp_path):
+def test_a_figure_that_fails_in_the_child_fails_the_run_at_wait_with_the_childs_exception(tmp_path):
     with FigureWorker.start() as worker:
         worker.call(plot_curves, _history(), tmp_path / "missing-folder" / "x.png", "t")
-        with pytest.raises(RuntimeError, match="drawing the run's figures failed"):
+        with pytest.raises(FileNotFoundError, match="missing-folder"):  # raised as if drawn here (exit codes hold)
             worker.wait()
     assert not (tmp_path / "missing-folder").exists()
+
+
+def test_a_child_that_dies_without_an_exception_is_a_runtime_error(tmp_path):
+    with FigureWorker.start() as worker:
+        worker.call(os._exit, 3)
+        with pytest.raises(RuntimeError, match="drawing the run's figures failed: 3"):
+            worker.wait()
 
 
 def test_worker_without_a_child_draws_everything_here(tmp_path):
