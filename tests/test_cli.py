@@ -168,7 +168,7 @@ OPTION_SOURCES = {  # command: (config sources, the options that must be found i
     # literals in cli.py that happen to equal the configs' defaults. If only this case fails after a merge, the
     # head-train rewrite retyped a default: read it from the config (cli.config_option), don't edit this list.
     "head-train": (["TrainConfig", "ExtractConfig", "DataConfig"],
-                   DATA + TRAIN + ["standardize", "weights", "image_size", "dtype", "cache_dir"]),
+                   DATA + TRAIN + ["standardize", "weights", "image_size", "dtype", "cache_dir", "precision"]),
 }
 
 

@@ -167,7 +167,7 @@ def test_frozen_loop_leaves_backbone_and_batchnorm_statistics_untouched(parity_r
     _, frozen = parity_runs("resnet18-2c-sgd")
     ckpt = torch.load(frozen.run_dir / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == EPOCHS and ckpt["freeze_backbone"] is True
-    assert not any(k.startswith("backbone.") for k in ckpt["state_dict"])  # last.pt: the trained head only
+    assert sorted(ckpt["state_dict"]) == ["bias", "weight"] and ckpt["head_only"]  # last.pt: the head only
     best = torch.load(frozen.run_dir / "best.pt", map_location="cpu", weights_only=True)  # the whole network
     saved = {k.removeprefix("backbone."): v for k, v in best["state_dict"].items() if k.startswith("backbone.")}
     fresh = build_backbone("resnet18", weights="none", image_size=SIZE).net.state_dict()
@@ -179,7 +179,7 @@ def test_frozen_loop_leaves_backbone_and_batchnorm_statistics_untouched(parity_r
     # ... while the head did train away from the plan's init
     plan = make_plan(n_train=2 * N_PER_CLASS[0], feature_dim=512, num_outputs=1,
                      config=TrainConfig(epochs=EPOCHS, **PARITY["resnet18-2c-sgd"][2]))
-    assert not np.allclose(ckpt["state_dict"]["head.weight"].numpy(), plan.weight)
+    assert not np.allclose(ckpt["state_dict"]["weight"].numpy(), plan.weight)
 
 
 # ---------------------------------------------------------------- parity with --class-weight balanced
