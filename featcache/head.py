@@ -16,6 +16,8 @@ Never imports torch (tests check `sys.modules`).
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import math
 import os
 import time
@@ -193,6 +195,33 @@ def train_program(*, num_outputs: int, config: TrainConfig, class_weights: np.nd
         as they are at the end of each epoch). class_weights: see masked_loss.
     """
     return jax.jit(training_program(num_outputs=num_outputs, config=config, class_weights=class_weights))
+
+
+# train_program compiled for given shapes, newest last: a second fit of the same program in one process (the
+# seeds of a study row, a notebook's reruns) skips the trace and the compile. Bounded: each holds an executable.
+_COMPILED: "collections.OrderedDict[tuple, Callable]" = collections.OrderedDict()
+COMPILED_KEEP = 16
+
+
+def compiled_program(*, num_outputs: int, config: TrainConfig, class_weights: np.ndarray | None,
+                     args: tuple) -> Callable:
+    """train_program(...).lower(*args).compile(), reused within this process for the same program and shapes.
+
+    The key holds everything the program is built from: num_outputs, the config (its seed and runs_dir set
+    aside: the seed only makes the params and batches, which are arguments), the class weights, and the shape,
+    dtype and weak type of every argument.
+    """
+    key = (num_outputs, dataclasses.replace(config, seed=0, runs_dir=""),
+           None if class_weights is None else tuple(np.asarray(class_weights, np.float64).tolist()),
+           tuple(str(jax.typeof(a)) for a in jax.tree.leaves(args)))  # shape, dtype and weak type
+    if key in _COMPILED:
+        _COMPILED.move_to_end(key)
+        return _COMPILED[key]
+    compiled = train_program(num_outputs=num_outputs, config=config, class_weights=class_weights).lower(*args).compile()
+    _COMPILED[key] = compiled
+    while len(_COMPILED) > COMPILED_KEEP:
+        _COMPILED.popitem(last=False)
+    return compiled
 
 
 def training_program(*, num_outputs: int, config: TrainConfig, heads: int | None = None,
@@ -375,7 +404,7 @@ def fit_head(train: Arrays, val: Arrays, test: Arrays, *, num_classes: int, conf
 
     t0 = time.perf_counter()
     weights = class_weights(labels=data.y_train, num_classes=num_classes, spec=config.class_weight)
-    compiled = train_program(num_outputs=num_outputs, config=config, class_weights=weights).lower(*args).compile()
+    compiled = compiled_program(num_outputs=num_outputs, config=config, class_weights=weights, args=args)
     t1 = time.perf_counter()
     outs = jax.block_until_ready(compiled(*args))
     t2 = time.perf_counter()

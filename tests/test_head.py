@@ -1,6 +1,7 @@
 """featcache.head: optax chains vs torch.optim, the whole fit vs a plain PyTorch loop on the same plan,
 accuracy on separable features, determinism, and the import boundary (no torch on the JAX side)."""
 
+import collections
 import dataclasses
 import json
 import os
@@ -218,6 +219,23 @@ def test_same_seed_same_history_other_seed_other_history():
     assert numbers(a) == numbers(b)
     np.testing.assert_array_equal(a.epoch_weights, b.epoch_weights)
     assert numbers(a) != numbers(c)
+
+
+def test_a_second_fit_of_the_same_program_and_shapes_reuses_its_compiled_program(monkeypatch):
+    from featcache import head
+
+    data = _problem(3)
+    monkeypatch.setattr(head, "_COMPILED", collections.OrderedDict())
+    config = TrainConfig(epochs=3, batch_size=16, lr=0.05)
+    fit_head(*data, num_classes=3, config=config)
+    reused = fit_head(*data, num_classes=3, config=dataclasses.replace(config, seed=1, runs_dir="x"))  # arguments
+    assert len(head._COMPILED) == 1
+    fit_head(*data, num_classes=3, config=dataclasses.replace(config, momentum=0.5))  # another program
+    fit_head(*[(x[:40], y[:40]) for x, y in data], num_classes=3, config=config)  # other shapes
+    assert len(head._COMPILED) == 3
+    head._COMPILED.clear()
+    fresh = fit_head(*data, num_classes=3, config=dataclasses.replace(config, seed=1))
+    np.testing.assert_array_equal(reused.epoch_weights, fresh.epoch_weights)
 
 
 def test_float16_features_and_standardize():
