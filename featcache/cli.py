@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import shlex
 import sys
 from pathlib import Path
 
@@ -229,11 +228,11 @@ PRECISION_HELP = ("The backbone's arithmetic: fp32, bf16 (autocast) or auto (bf1
                   "channels_last layout for both.")
 
 
-def precision_option(source):
+def precision_option(source, help: str = PRECISION_HELP):
     """--precision fp32|bf16|auto, its default read from `source` (featcache.precision)."""
     from featcache.precision import PRECISIONS
 
-    return config_option(source, "precision", type=click.Choice(PRECISIONS), help=PRECISION_HELP)
+    return config_option(source, "precision", type=click.Choice(PRECISIONS), help=help)
 
 
 def backbone_options(f):
@@ -536,7 +535,8 @@ from featcache.head_runs import DEFAULT_SOLVER, SOLVER_ALIASES, SOLVERS  # noqa:
                    f"[default: {DEFAULT_STREAM_MEMORY_MIB}, or a quarter of the memory available when less]")
 @click.option("--run-name", default=None, help="Run directory name (default <time>-head-<model>).")
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr; the summary (and any warning) still prints.")
-@precision_option(ExtractConfig)
+@precision_option(ExtractConfig, help="With --model/--data: the precision the cache was extracted at (as extract's "
+                                     "--precision).")
 def head_train(cache_file, model, data, val_fraction, test_fraction, split_seed, group_by, weights, image_size, dtype,
                precision, cache_dir, seeds, solver, l2s, cs, ks, temperature, shots, draws, standardize, stream, stream_memory,
                run_name, quiet, **kwargs):
@@ -693,7 +693,9 @@ def report(run_dirs, fmt, figure):
     if figure:
         from featcache.reporting import report_figure_paths
 
-        click.echo(f"figures: {' '.join(shlex.quote(str(p)) for p in report_figure_paths(figure))}", err=True)
+        from featcache.files import shell_quoted
+
+        click.echo(f"figures: {' '.join(shell_quoted(p) for p in report_figure_paths(figure))}", err=True)
 
 
 from featcache.config import CompareConfig  # noqa: E402  (featcache compare)

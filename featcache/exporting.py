@@ -42,6 +42,7 @@ from torch import nn
 
 from featcache import runs
 from featcache.backbones import BACKBONES, build_backbone, make_transform
+from featcache.backbones.common import first_line
 from featcache.backbones.file_source import WEIGHTS_TAG as FILE_WEIGHTS_TAG
 from featcache.backbones.file_source import wrap_program
 from featcache.errors import UserError
@@ -369,13 +370,13 @@ def _from_checkpoint(run: runs.RunResult) -> tuple[ExportedClassifier, dict]:
         state, model, desc = ckpt["state_dict"], ckpt["model"], ckpt["transform"]
         tag, class_names = ckpt["weights"], list(ckpt["class_names"])
     except Exception as exc:  # unreadable or foreign file
-        raise UserError(f"{path} is not a readable featcache checkpoint ({_first_line(exc)}); "
+        raise UserError(f"{path} is not a readable featcache checkpoint ({first_line(exc)}); "
                         "train the run again.") from exc
     module = _skeleton(model, weights_tag=tag, input_size=desc["crop"], num_outputs=state["head.weight"].shape[0])
     try:
         module.load_state_dict(state)
     except RuntimeError as exc:
-        raise UserError(f"{path} does not fit a {model} network ({_first_line(exc)}); train the run again.") from exc
+        raise UserError(f"{path} does not fit a {model} network ({first_line(exc)}); train the run again.") from exc
     return module.eval(), _metadata(run, model=model, weights_tag=tag, class_names=class_names, transform=desc,
                                     head_shape=tuple(state["head.weight"].shape))
 
@@ -442,7 +443,7 @@ def _write_exported(module: ExportedClassifier, meta: dict, path: Path) -> None:
         program = torch.export.export(module.eval(), (example,), dynamic_shapes=({0: torch.export.Dim("batch")},),
                                       preserve_module_call_signature=SPLIT)  # load_model splits it again
     except Exception as exc:  # an operation torch.export cannot capture (TorchScript inside, data-dependent code)
-        raise UserError(f"torch.export could not capture {meta['model']} ({_first_line(exc)}); export with "
+        raise UserError(f"torch.export could not capture {meta['model']} ({first_line(exc)}); export with "
                         "--format torchscript or --format state-dict.") from exc
     with open(path, "wb") as f:  # a file object: torch warns about a path not ending in .pt2
         torch.export.save(program, f, extra_files={META_FILE: json.dumps(meta)})
@@ -503,7 +504,7 @@ def _load_program(path: Path, *, torchscript: bool) -> tuple[nn.Module, dict]:
                 with open(path, "rb") as f:  # a file object: any file name (torch warns about a path not .pt2)
                     module = _exported_module(torch.export.load(f, extra_files=extra))
     except Exception as exc:
-        raise UserError(f"{path} is a corrupt {kind} file ({_first_line(exc)}); export it again.") from exc
+        raise UserError(f"{path} is a corrupt {kind} file ({first_line(exc)}); export it again.") from exc
     if not extra[META_FILE]:
         raise UserError(f"{_not_ours(path)}: a {kind} file without {META_FILE} inside; {_HOW}.")
     meta = json.loads(extra[META_FILE])
@@ -542,7 +543,7 @@ def _load_state_dict_file(path: Path) -> tuple[nn.Module, dict]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UserError(f"{_not_ours(path)} ({_first_line(exc)}); {_HOW}.") from exc
+        raise UserError(f"{_not_ours(path)} ({first_line(exc)}); {_HOW}.") from exc
     if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
         if isinstance(payload, dict) and "optimizer" in payload:
             raise UserError(f"{path} is a training checkpoint, not an exported model; export its run "
@@ -555,7 +556,7 @@ def _load_state_dict_file(path: Path) -> tuple[nn.Module, dict]:
     try:
         module.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:
-        raise UserError(f"{path} does not fit a {meta['model']} network ({_first_line(exc)}); "
+        raise UserError(f"{path} does not fit a {meta['model']} network ({first_line(exc)}); "
                         "export it again.") from exc
     return module, meta
 
@@ -569,8 +570,3 @@ def _attach(module: nn.Module, meta: dict) -> nn.Module:
     module.model_name = meta["model"]
     module.metadata = meta
     return module
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else type(exc).__name__)[:200]

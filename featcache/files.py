@@ -88,6 +88,13 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def shell_quoted(path: str | Path) -> str:
+    """A path as the user can paste it into a shell (shlex.quote: quotes only when it holds spaces and the like)."""
+    import shlex
+
+    return shlex.quote(str(path))
+
+
 def model_file_part(model: str) -> str:
     """`--model` as part of a file name (cache files, run directories): a backbone file by its file name,
     `timm/<name>` as `timm-<name>`, every other character outside [A-Za-z0-9_.-] as `-`."""

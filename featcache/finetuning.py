@@ -651,18 +651,18 @@ class _Loop:
             head=(head.weight.detach().cpu().numpy(), head.bias.detach().cpu().numpy()),
             history=history, summary=summary, selected=selected, diverged=diverged, arithmetic=self.precision,
             batches_at=(self.first_batch_at, last_batch_at),
-            clinical=self._clinical(val_logits=val_logits, test_logits=test_logits, mode=mode),
+            clinical=self._clinical(val_logits=val_logits, test_logits=test_logits),
             scored=(test_logits, test_labels)))
 
-    def _clinical(self, *, val_logits: np.ndarray, test_logits: np.ndarray, mode: str) -> dict:
-        """runs.write_clinical of this run (rank 0): extra["clinical"], test_logits.npz, roc.png, calibration.png."""
+    def _clinical(self, *, val_logits: np.ndarray, test_logits: np.ndarray) -> dict:
+        """runs.write_clinical of this run (rank 0): extra["clinical"] and test_logits.npz (its ROC and calibration
+        figures come with the run's other figures, _figure_spec)."""
         labels = {split: np.array([s.label for s in self.index.splits[split]], dtype=np.int64)
                   for split in ("train", "val", "test")}
         return runs.write_clinical(
             self.run_dir, val_logits=val_logits, val_labels=labels["val"], test_logits=test_logits,
             test_labels=labels["test"], test_paths=[s.path for s in self.index.splits["test"]],
-            num_classes=self.num_classes, config=self.train, train_labels=labels["train"],
-            title=f"{self.config.model} — {mode}")
+            num_classes=self.num_classes, config=self.train, train_labels=labels["train"])
 
     def _test_logits(self, *, scored: bool) -> np.ndarray:
         """(N_test, K) float32 logits of best.pt's weights; NaN when no epoch was good enough to score."""

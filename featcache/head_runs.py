@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 from featcache.config import TrainConfig
 from featcache.errors import UserError
+from featcache.files import shell_quoted
 
 if TYPE_CHECKING:
     import numpy as np
@@ -274,6 +275,7 @@ def train_grid(*, cache: str | Path, config: TrainConfig, lrs: Sequence[float], 
         extra["grid"] holds every cell (GridFit.to_dict) and extra["seed_stats"] the selected pair's
         intervals over seeds. curves.png shows the selected pair, mean and min-max band over seeds.
     """
+    from featcache.runs import settings_text
     from featcache.sweep import fit_grid, grid_edge_note, seed_stats
 
     data = load_splits(cache, progress=progress)
@@ -287,7 +289,7 @@ def train_grid(*, cache: str | Path, config: TrainConfig, lrs: Sequence[float], 
     chosen = dataclasses.replace(config, lr=cell.lr, weight_decay=cell.weight_decay, seed=grid.seeds[0])
     if note := grid_edge_note(grid):
         _say(progress, f"Note: {note}")
-    title = run_title(data.meta, config=chosen, settings=f"selected {_settings(chosen)}, {len(grid.seeds)} seeds")
+    title = run_title(data.meta, config=chosen, settings=f"selected {settings_text(chosen)}, {len(grid.seeds)} seeds")
     curves = {"curves": {"kind": "seeds", "histories": [list(f.history) for f in cell.fits]},
               "grid": grid.to_dict(), "title": title}
     return write_head_run(cache=cache, meta=data.meta, config=chosen, summary=saved.summary,
@@ -565,12 +567,6 @@ def run_title(meta: Mapping, what: str = "head", *, config: TrainConfig | None =
     return f"{title}\n{settings}" if settings else title
 
 
-def _settings(config: TrainConfig) -> str:
-    from featcache.runs import settings_text
-
-    return settings_text(config)
-
-
 def _probe_settings(config: TrainConfig) -> str:
     return "features standardized" if config.standardize else "raw features"
 
@@ -633,7 +629,7 @@ def write_head_run(*, cache: str | Path, meta: Mapping, config: TrainConfig, sum
         _say(progress, f"Warning: {diverged_message(result)}")
     elif reference and reference.get("warning"):
         _say(progress, f"Warning: {reference['warning']}")
-    _say(progress, f"Run written to {quoted(run_dir)}")
+    _say(progress, f"Run written to {shell_quoted(run_dir)}")
     return result
 
 
@@ -710,13 +706,6 @@ def underfit_check(summary: RunSummary, *, splits: CacheSplits, config: TrainCon
             f"--lr {config.lr * 10:g}), a sweep (--lr {config.lr:g},{config.lr * 10:g},{config.lr * 100:g}) or "
             "--solver ridge / lbfgs.")
     return record
-
-
-def quoted(path: str | Path) -> str:
-    """A path as the user can paste it into a shell (shlex.quote: quotes only when it holds spaces etc.)."""
-    import shlex
-
-    return shlex.quote(str(path))
 
 
 def _write_clinical(run_dir: Path, *, cache: str | Path, meta: Mapping, config: TrainConfig, head: HeadWeights,

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+from featcache.files import shell_quoted
+
 # The original study's columns, in its order.
 COLUMNS = ("model", "mode", "train_loss", "train_acc", "best_val_loss", "best_val_acc", "test_acc", "training_time")
 HEADERS = {"model": "model", "mode": "mode", "train_loss": "train loss", "train_acc": "train acc",
@@ -198,15 +200,8 @@ def print_summary(run, *, notes: bool = False) -> None:
         console.print(_rich_table(clinical, title=CLINICAL_TITLE))
     figures = [name for name in ("curves.png", "confusion.png", "roc.png", "grid.png")
                if (Path(run.run_dir) / name).is_file()]
-    console.print(f"run: {_quoted(run.run_dir)}" + (f"  (figures: {', '.join(figures)})" if figures else ""),
+    console.print(f"run: {shell_quoted(run.run_dir)}" + (f"  (figures: {', '.join(figures)})" if figures else ""),
                   markup=False)
-
-
-def _quoted(path) -> str:
-    """A path as it can be pasted into a shell (shlex.quote: quotes only when it holds spaces and the like)."""
-    import shlex
-
-    return shlex.quote(str(path))
 
 
 def collect_runs(paths, *, note: Callable[[str], object] | None = None) -> list:

@@ -462,7 +462,7 @@ def load_test_logits(run_dir: str | Path) -> ScoredRows:
 
 def write_clinical(run_dir: str | Path, *, val_logits: np.ndarray, val_labels: np.ndarray, test_logits: np.ndarray,
                    test_labels: np.ndarray, test_paths: Sequence[str], num_classes: int, config: TrainConfig,
-                   train_labels: np.ndarray | None, title: str | None = None) -> dict:
+                   train_labels: np.ndarray | None) -> dict:
     """test_logits.npz of a run; returns its `clinical_record` (for extra["clinical"]). Its figures (roc.png,
     calibration.png) are drawn by plots.draw_run_figures from `test_figures`.
 
@@ -470,7 +470,6 @@ def write_clinical(run_dir: str | Path, *, val_logits: np.ndarray, val_labels: n
         val_logits, test_logits: (N_val, K), (N_test, K) logits of the selected epoch; val_labels, test_labels:
             (N_val,), (N_test,) int; test_paths: (N_test,) image paths relative to the dataset root, row-aligned.
         num_classes: C; config: operating_point, bootstrap, class_weight; train_labels: see clinical_record.
-        title: unused (the figures' title is the spec's); kept for callers that pass it.
     """
     run_dir = Path(run_dir)
     record = clinical_record(val_logits=val_logits, val_labels=val_labels, test_logits=test_logits,
